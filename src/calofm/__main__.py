@@ -1,0 +1,5 @@
+import sys
+
+from calofm.cli import main
+
+sys.exit(main())

@@ -1,0 +1,46 @@
+"""The ``calofm`` command: one sub-command per module in this package, each a thin layer.
+
+Every module here defines ``register(subparsers)``, which adds its sub-command and sets
+``func`` to a function taking the parsed arguments. Heavy imports (torch, geant4) happen inside
+those functions, so ``calofm --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+
+from calofm import __version__
+from calofm.errors import CalofmError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="calofm",
+        description="A foundation model for calorimeter shower simulation.",
+    )
+    parser.add_argument("--version", action="version", version=f"calofm {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{info.name}").register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except CalofmError as exc:
+        print(f"calofm {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"calofm {args.command}: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
