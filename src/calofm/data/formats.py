@@ -24,7 +24,7 @@ from calofm import __version__
 from calofm.data.showers import SparseShowers, concatenate, validate_energies
 from calofm.detector import DetectorConfig, material_long
 from calofm.errors import CalofmError
-from calofm.files import atomic_output, partial_path
+from calofm.files import partial_path
 from calofm.particles import particle_from_pdg, pdg_code
 
 FORMATS = ("showerdata", "getting_high")
@@ -293,35 +293,62 @@ def _showerdata_version() -> str:
     return showerdata.__version__
 
 
+class GettingHighWriter:
+    """Append showers as dense (N, layer, x, y) MeV arrays; renamed to the final name on ``finish``."""
+
+    def __init__(self, path: str | os.PathLike[str], n_total: int, metadata: dict, detector: DetectorConfig):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        self.n_total = n_total
+        self.n_written = 0
+        with h5py.File(self.tmp, "w") as f:
+            g = f.create_group(f"{detector.nx}x{detector.ny}")
+            g.create_dataset("energy", shape=(n_total, 1), dtype=np.float32)
+            g.create_dataset(
+                "layers",
+                shape=(n_total, *detector.shape),
+                dtype=np.float32,
+                chunks=(1, *detector.shape),
+                compression="gzip",
+            )
+            f.attrs[META_ATTR] = json.dumps(metadata, sort_keys=True, default=str)
+            for key in ("material", "particle", "simulator", "seed"):
+                if key in metadata:
+                    f.attrs[key] = metadata[key]
+        self.group = f"{detector.nx}x{detector.ny}"
+
+    def append(self, showers: SparseShowers) -> None:
+        start, stop = self.n_written, self.n_written + len(showers)
+        with h5py.File(self.tmp, "a") as f:
+            f[self.group]["energy"][start:stop] = showers.incident.reshape(-1, 1)
+            f[self.group]["layers"][start:stop] = showers.to_dense()
+        self.n_written = stop
+
+    def finish(self) -> Path:
+        if self.n_written != self.n_total:
+            self.tmp.unlink(missing_ok=True)
+            raise CalofmError(f"{self.path}: only {self.n_written} of {self.n_total} showers written")
+        os.replace(self.tmp, self.path)
+        return self.path
+
+
+def open_writer(
+    path: str | os.PathLike[str], fmt: str, n_total: int, metadata: dict, detector: DetectorConfig
+) -> ShowerWriter | GettingHighWriter:
+    """A chunk-by-chunk writer for either layout."""
+    if fmt == "showerdata":
+        return ShowerWriter(path, n_total, metadata, signature=f"write-{os.getpid()}")
+    if fmt == "getting_high":
+        return GettingHighWriter(path, n_total, metadata, detector)
+    raise CalofmError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+
+
 def write_showers(
     showers: SparseShowers, path: str | os.PathLike[str], fmt: str = "showerdata", **extra: object
 ) -> Path:
     """Write a whole set at once in either format (under a temporary name, then renamed)."""
-    path = Path(path)
-    meta = file_metadata(showers, **extra)
-    if fmt == "showerdata":
-        writer = ShowerWriter(path, len(showers), meta, signature=f"write-{os.getpid()}")
-        writer.append(showers)
-        return writer.finish()
-    if fmt == "getting_high":
-        with atomic_output(path) as tmp:
-            with h5py.File(tmp, "w") as f:
-                det = showers.detector
-                g = f.create_group(f"{det.nx}x{det.ny}")
-                g.create_dataset("energy", data=showers.incident.reshape(-1, 1))
-                layers = g.create_dataset(
-                    "layers",
-                    shape=(len(showers), *det.shape),
-                    dtype=np.float32,
-                    chunks=(1, *det.shape),
-                    compression="gzip",
-                )
-                for start in range(0, len(showers), 500):
-                    part = showers.select(slice(start, start + 500))
-                    layers[start : start + len(part)] = part.to_dense()
-                f.attrs[META_ATTR] = json.dumps(meta, sort_keys=True, default=str)
-                for key in ("material", "particle", "simulator", "seed"):
-                    if key in meta:
-                        f.attrs[key] = meta[key]
-        return path
-    raise CalofmError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    writer = open_writer(path, fmt, len(showers), file_metadata(showers, **extra), showers.detector)
+    for start in range(0, len(showers), 1000):
+        writer.append(showers.select(slice(start, start + 1000)))
+    return writer.finish()
