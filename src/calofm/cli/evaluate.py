@@ -1,0 +1,103 @@
+"""``calofm evaluate``: compare generated (or other) showers with a Geant4 reference file."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from calofm.cli._args import positive_int
+from calofm.errors import CalofmError
+
+
+def energy_slice(text: str) -> tuple[float, float]:
+    """'LO-HI' in GeV, e.g. '10-20'."""
+    try:
+        lo, hi = (float(v) for v in text.split("-"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected LO-HI in GeV (e.g. 10-20), got {text!r}"
+        ) from None
+    if not 0 <= lo < hi:
+        raise argparse.ArgumentTypeError(f"slice {text}: need 0 <= LO < HI")
+    return lo, hi
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from calofm.evaluation.metrics import MetricConfig
+    from calofm.evaluation.observables import ObservableConfig
+
+    default_slices = ObservableConfig().energy_slices_gev
+    shown = " ".join(f"{lo:g}-{hi:g}" for lo, hi in default_slices)
+    p = subparsers.add_parser(
+        "evaluate",
+        help="validate showers against a reference: metrics.json, PNGs, report.html",
+        description=(
+            "Compare each CANDIDATE shower file with the REFERENCE file (either format) on the"
+            " standard ECAL observables: W1 x 100 on standardised observables, separation power,"
+            " a classifier AUC, and the floor (the reference's two halves against each other, at"
+            " the same sample size)."
+        ),
+    )
+    p.add_argument("reference", type=Path, help="reference shower file (e.g. Geant4 test set)")
+    p.add_argument("candidates", type=Path, nargs="+", help="shower files to compare with it")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="output directory")
+    p.add_argument(
+        "--names", nargs="+", metavar="NAME", help="candidate names (default: file stems)"
+    )
+    p.add_argument("--max-showers", type=positive_int, metavar="N", help="use the first N showers")
+    p.add_argument(
+        "--slices",
+        type=energy_slice,
+        nargs="+",
+        metavar="LO-HI",
+        default=default_slices,
+        help=f"incident-energy slices in GeV (default: {shown})",
+    )
+    p.add_argument(
+        "--splits",
+        type=positive_int,
+        default=MetricConfig.n_splits,
+        help="random reference half-splits averaged over (default: %(default)s)",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=MetricConfig.seed,
+        help="seed of the splits (default: %(default)s)",
+    )
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from calofm.evaluation.metrics import MetricConfig
+    from calofm.evaluation.observables import ObservableConfig
+    from calofm.evaluation.report import FLOOR, REPORT_FILE, evaluate
+
+    names = args.names or [p.stem for p in args.candidates]
+    if len(names) != len(args.candidates):
+        raise CalofmError(f"--names gives {len(names)} names for {len(args.candidates)} candidates")
+    if len(set(names)) != len(names):
+        raise CalofmError(
+            f"candidate names must differ ({', '.join(names)}); set them with --names"
+        )
+    metrics = evaluate(
+        args.reference,
+        dict(zip(names, args.candidates, strict=True)),
+        args.out,
+        observable_config=ObservableConfig(energy_slices_gev=tuple(args.slices)),
+        metric_config=MetricConfig(n_splits=args.splits, seed=args.seed),
+        max_showers=args.max_showers,
+    )
+    n = metrics["n_compared"]
+    rows = [(FLOOR, metrics[FLOOR]), *metrics["candidates"].items()]
+    width = max(len(r[0]) for r in rows)
+    print(f"W1x100 at {n} vs {n} showers (mean over {args.splits} splits):")
+    print(f"{'':{width}}  energy_sum  n_hits  cog_z  classifier_auc")
+    for name, entry in rows:
+        o = entry["observables"]
+        print(
+            f"{name:{width}}  {o['energy_sum']['w1x100']:10.2f}  {o['n_hits']['w1x100']:6.2f}"
+            f"  {o['cog_z']['w1x100']:5.2f}  {entry['classifier_auc']:14.3f}"
+        )
+    print(f"report: {Path(args.out) / REPORT_FILE}")
+    return 0
