@@ -256,6 +256,18 @@ class ShowerWriter:
         with h5py.File(self.partial, "r") as f:
             return int(f.attrs["n_written"])
 
+    @property
+    def metadata(self) -> dict:
+        """The file's calofm metadata as stored so far."""
+        with h5py.File(self.partial, "r") as f:
+            return json.loads(_attr_str(f.attrs, META_ATTR) or "{}")
+
+    def update_metadata(self, **extra: object) -> None:
+        """Merge ``extra`` into the file's calofm metadata (e.g. statistics known only later)."""
+        meta = {**self.metadata, **extra}
+        with h5py.File(self.partial, "a") as f:
+            f.attrs[META_ATTR] = json.dumps(meta, sort_keys=True, default=str)
+
     def append(self, showers: SparseShowers) -> None:
         start = self.n_written
         stop = start + len(showers)

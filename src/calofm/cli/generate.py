@@ -1,0 +1,218 @@
+"""``calofm generate``: sample showers from a trained model into a showerdata file.
+
+The output has the same format as ``calofm simulate``, so ``calofm evaluate`` compares the two.
+Showers are written in chunks under ``OUT.partial``; running the same command again resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+
+from calofm.cli._args import add_energy_options, energy_bounds, positive_int
+
+HELP = "generate showers with a trained model (KV-cache decoding)"
+
+
+def _temperature(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _top_p(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "generate",
+        help=HELP,
+        description=(
+            "Generate showers of one (material, particle) class with a trained model. Each shower "
+            "ends when either head emits end-of-sequence; a shower that reaches --max-hits hits "
+            "without it keeps those hits and is counted and reported as truncated. Duplicate "
+            "voxels within a shower are merged (energies summed) and their rate reported. The same "
+            "command gives the same showers; an interrupted run resumes from its .partial file."
+        ),
+    )
+    p.add_argument("--model", required=True, metavar="DIR", help="model directory")
+    p.add_argument("--material", required=True, help="absorber material, e.g. G4_W")
+    p.add_argument("--particle", required=True, help="particle, e.g. gamma or e-")
+    p.add_argument("-n", type=positive_int, required=True, help="number of showers")
+    add_energy_options(p)
+    p.add_argument("--seed", type=_seed, default=0, help="random seed >= 0 (default 0)")
+    p.add_argument("--out", required=True, metavar="FILE", help="output showerdata HDF5 file")
+    p.add_argument(
+        "--batch-size", type=positive_int, default=64, help="showers decoded together (default 64)"
+    )
+    temp = p.add_mutually_exclusive_group()
+    temp.add_argument(
+        "--temperature",
+        type=_temperature,
+        default=1.0,
+        help="sampling temperature (default 1; 0 = greedy)",
+    )
+    temp.add_argument(
+        "--dynamic-temperature",
+        type=_temperature,
+        nargs=2,
+        metavar=("LO", "HI"),
+        help="temperature rising linearly from LO to HI over --max-hits (e.g. 0.95 1.05)",
+    )
+    p.add_argument("--top-k", type=positive_int, help="sample only among the k likeliest tokens")
+    p.add_argument("--top-p", type=_top_p, help="sample only within this probability mass")
+    p.add_argument(
+        "--max-hits",
+        type=positive_int,
+        help="longest shower in hits (default: the model tokenizer's max_hits)",
+    )
+    p.add_argument(
+        "--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available)"
+    )
+    p.set_defaults(func=run)
+
+
+def _device(name: str) -> str:
+    import torch
+
+    from calofm.errors import CalofmError
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise CalofmError(f"--device {name}: CUDA is not available")
+    return name
+
+
+def load_generator_model(args: argparse.Namespace, device: str):
+    """The model that generates: the base model (adapters, when given, are applied here)."""
+    from calofm.model.io import load_model
+
+    return load_model(args.model, device=device)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import numpy as np
+    from tqdm import tqdm
+
+    from calofm import __version__
+    from calofm.data.formats import ShowerWriter, file_metadata
+    from calofm.data.showers import SparseShowers
+    from calofm.errors import CalofmError
+    from calofm.files import partial_path
+    from calofm.generation.engine import INCIDENT, generate, seeded_rng
+    from calofm.generation.sampler import SamplingConfig
+    from calofm.model.config import class_name
+    from calofm.model.io import model_hash
+    from calofm.particles import pdg_code
+
+    lo, hi = energy_bounds(args)
+    pdg_code(args.particle)
+    if Path(args.out).exists():
+        raise CalofmError(f"{args.out} exists; remove it or choose another --out")
+    sampling = SamplingConfig(
+        args.temperature,
+        tuple(args.dynamic_temperature) if args.dynamic_temperature else None,
+        args.top_k,
+        args.top_p,
+    )
+    model = load_generator_model(args, _device(args.device))
+    cls = class_name(args.material, args.particle)
+    model.class_index(cls)
+    tok = model.tokenizer
+    max_hits = args.max_hits or tok.max_hits
+    if lo < tok.incident_min_gev or hi > tok.incident_max_gev:
+        print(
+            f"calofm generate: warning: {lo:g}-{hi:g} GeV extends beyond the model's "
+            f"{tok.incident_min_gev:g}-{tok.incident_max_gev:g} GeV (extrapolation)"
+        )
+    incident = seeded_rng(args.seed, INCIDENT).uniform(lo, hi, args.n).astype(np.float32)
+
+    generator = {
+        "program": f"calofm {__version__}",
+        "model_sha256": model_hash(model),
+        "class": cls,
+        "sampling": sampling.to_dict(),
+        "max_hits": max_hits,
+        "seed": args.seed,
+        "energy_range_gev": [lo, hi],
+    }
+    signature = hashlib.sha256(
+        json.dumps({**generator, "n": args.n}, sort_keys=True).encode()
+    ).hexdigest()
+    detector = model.detector.with_material(args.material)
+    empty = SparseShowers([0], [], [], [], detector=detector, particle=args.particle)
+    meta = file_metadata(
+        empty,
+        simulator="calofm-generate",
+        seed=args.seed,
+        generator={**generator, "model": str(Path(args.model).resolve())},
+    )
+    writer = ShowerWriter(args.out, args.n, meta, signature)
+    start = writer.n_written
+    if start:
+        print(f"calofm generate: resuming {partial_path(args.out)} at shower {start} of {args.n}")
+    totals = writer.metadata.get(
+        "generation_stats", {"n_hits": 0, "n_duplicates": 0, "n_truncated": 0}
+    )
+    seconds, n_new = 0.0, args.n - start
+    with tqdm(total=args.n, initial=start, unit="shower", desc="generate") as bar:
+        for first in range(start, args.n, args.batch_size):
+            last = min(first + args.batch_size, args.n)
+            showers, stats = generate(
+                model,
+                cls,
+                incident[first:last],
+                seed=args.seed,
+                batch_size=args.batch_size,
+                temperature=sampling.temperature,
+                top_k=sampling.top_k,
+                top_p=sampling.top_p,
+                dynamic_temperature=sampling.dynamic_temperature,
+                max_hits=max_hits,
+                first_row=first,
+                progress=bar.update,
+            )
+            writer.append(showers[cls])
+            for key in totals:
+                totals[key] += stats[key]
+            seconds += stats["seconds"]
+            writer.update_metadata(generation_stats=totals)
+    path = writer.finish()
+
+    rate = totals["n_duplicates"] / max(totals["n_hits"], 1)
+    print(
+        f"calofm generate: wrote {args.n} {cls} showers to {path} "
+        f"({n_new / max(seconds, 1e-9):.2f} showers/s this run); {totals['n_hits']} hits, "
+        f"{totals['n_duplicates']} duplicate voxels merged ({100 * rate:.2f}% of hits)"
+    )
+    if totals["n_truncated"]:
+        print(
+            f"calofm generate: warning: {totals['n_truncated']} showers reached --max-hits "
+            f"{max_hits} without end-of-sequence; they keep their first {max_hits} hits"
+        )
+    return 0

@@ -1,0 +1,382 @@
+"""How fast generation is: KV cache against recomputing the prefix, experts, memory.
+
+Method. A model of the chosen preset with random weights and its end-of-sequence logits pushed to
+-1e9, so every shower runs the full length. The cost of one decode step (model step + sampling of
+both heads + bookkeeping) is measured at several prefix lengths L (the median of a few repeats),
+for the KV cache (one new token against the cached prefix) and for recomputation (a full causal pass
+over the L+1 positions, heads on the last position only: the fair no-cache baseline). The step cost
+is fitted with a + b L + c L^2 (least squares), and the time of an N-token shower batch is the sum
+of the fit over L = 0..N-1. So recomputation at batch 128 x 1000 tokens (hours on this CPU) costs a
+few probe steps; one full KV decode is also run end to end and compared with its extrapolation.
+Times are this process's CPU seconds when torch uses one thread (robust on a machine shared with
+other work), wall-clock seconds otherwise.
+
+Experts: the same step with 2, 6 and 12 experts per block, for a batch of one class (how generation
+runs) and for a batch whose rows are spread over all classes, timed in interleaved rounds.
+"""
+
+from __future__ import annotations
+
+import platform
+import resource
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from calofm import __version__
+from calofm.detector import DetectorConfig
+from calofm.generation.engine import decode, next_tokens
+from calofm.generation.sampler import SamplingConfig
+from calofm.model.config import preset
+from calofm.model.transformer import CaloFM
+from calofm.tokens import TokenizerConfig
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    preset: str = "paper"
+    batch_sizes: tuple[int, ...] = (1, 16, 128)
+    lengths: tuple[int, ...] = (100, 250, 500, 1000)  # shower lengths (tokens) in the table
+    probes: tuple[int, ...] = (0, 250, 500, 750, 999)  # prefix lengths where steps are timed
+    repeats: int = 5  # timed repeats per probe (median); recomputation at large sizes uses fewer
+    expert_counts: tuple[int, ...] = (2, 6, 12)
+    expert_batch: int = 16
+    expert_rounds: int = 15
+    full_run: tuple[int, int] = (16, 1000)  # (batch, length) decoded end to end
+    reference_batch: int = 16  # batch of the headline KV speed-up
+    n_bins: int | None = None  # energy bins; None: the project's default tokenizer
+
+    @classmethod
+    def quick(cls) -> BenchSettings:
+        return cls(
+            batch_sizes=(1, 16),
+            lengths=(250, 1000),
+            probes=(0, 500, 999),
+            repeats=3,
+            expert_rounds=6,
+            full_run=(1, 500),
+        )
+
+
+@dataclass
+class StepTimes:
+    """Median seconds per decode step at each probed prefix length, and the fitted curve."""
+
+    probes: list[int]
+    seconds: list[float]
+    coef: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        degree = min(2, len(self.probes) - 1)
+        self.coef = np.polyfit(self.probes, self.seconds, degree).tolist()
+
+    def total(self, n_steps: int) -> float:
+        """Seconds for a decode of ``n_steps`` steps (prefix lengths 0..n_steps-1)."""
+        fitted = np.polyval(self.coef, np.arange(n_steps))
+        return float(np.clip(fitted, min(self.seconds) * 0.5, None).sum())
+
+
+def clock() -> float:
+    """Seconds of this process's CPU time with one torch thread, else wall-clock seconds.
+
+    On a machine shared with other work, CPU time measures this process's own cost; with several
+    threads it would add up the threads, so wall-clock time is used (and is noisier there).
+    """
+    return time.process_time() if torch.get_num_threads() == 1 else time.perf_counter()
+
+
+def _median_time(fn: Callable[[], object], repeats: int, warm_up: bool = True) -> float:
+    if warm_up:
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = clock()
+        fn()
+        times.append(clock() - t0)
+    return statistics.median(times)
+
+
+def bench_model(config_name: str, n_classes: int, n_bins: int | None) -> CaloFM:
+    """A random-weight model that never ends a shower early (EOS logits at -1e9)."""
+    torch.manual_seed(0)
+    det = DetectorConfig()
+    tok = (
+        TokenizerConfig.for_detector(det)
+        if n_bins is None
+        else TokenizerConfig.for_detector(det, n_bins=n_bins)
+    )
+    classes = [f"G4_M{i}:gamma" for i in range(n_classes)]
+    model = CaloFM(preset(config_name), tok, det, classes).eval()
+    with torch.no_grad():
+        model.spatial_head.bias[tok.spatial_eos] = -1e9
+        model.energy_head.bias[tok.energy_eos] = -1e9
+    return model
+
+
+class StepRunner:
+    """One decode step of a batch at a given prefix length, with or without the KV cache."""
+
+    def __init__(
+        self, model: CaloFM, batch: int, max_len: int, class_id: torch.Tensor | None = None
+    ):
+        tok = model.tokenizer
+        self.model, self.batch = model, batch
+        g = torch.Generator().manual_seed(0)
+        self.spatial = torch.randint(0, tok.n_voxels, (batch, max_len + 1), generator=g)
+        self.energy = torch.randint(0, tok.n_bins, (batch, max_len + 1), generator=g)
+        self.incident = torch.rand(batch, generator=g) * 2 - 1
+        cid = torch.zeros(batch, dtype=torch.long) if class_id is None else class_id
+        self.routing = model.routing(cid)
+        self.u = torch.rand(batch, 2, dtype=torch.float64, generator=g)
+        self.sampling = SamplingConfig()
+        self.max_len = max_len
+
+    def _sample(self, ls: torch.Tensor, le: torch.Tensor) -> None:
+        s, e = next_tokens(self.model, ls[:, -1], le[:, -1], self.u, 1.0, self.sampling)
+        done = (s == self.model.tokenizer.spatial_eos) | (e == self.model.tokenizer.energy_eos)
+        bool(done.all())
+
+    def kv(self, prefix: int) -> Callable[[], None]:
+        """The step that feeds token ``prefix`` against a cache holding tokens 0..prefix-1."""
+        cache = self.model.blocks[0].attn.kv_cache
+        if cache is None or cache.k.shape[0] != self.batch or cache.max_len != self.max_len + 2:
+            self.model.setup_cache(self.batch, self.max_len + 1)
+        s, e = self.spatial[:, prefix : prefix + 1], self.energy[:, prefix : prefix + 1]
+        inc = self.incident if prefix == 0 else None
+
+        def step() -> None:
+            with torch.no_grad():
+                self._sample(*self.model.forward_step(s, e, prefix, self.routing, inc))
+
+        return step
+
+    def recompute(self, prefix: int) -> Callable[[], None]:
+        """The step that recomputes all ``prefix + 1`` tokens, heads on the last only."""
+        self.model.clear_cache()
+        s, e = self.spatial[:, : prefix + 1], self.energy[:, : prefix + 1]
+
+        def step() -> None:
+            with torch.no_grad():
+                h = self.model.hidden_states(s, e, self.incident, self.routing)[-1][:, -1:]
+                self._sample(*self.model.logits(h, self.routing))
+
+        return step
+
+
+def _rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_benchmark(settings: BenchSettings, log: Callable[[str], None] = lambda _: None) -> dict:
+    """Run every measurement; returns the JSON-ready result (see ``format_table``)."""
+    s = settings
+    max_len = max(max(s.lengths), max(s.probes) + 1)
+    model = bench_model(s.preset, s.expert_counts[0], s.n_bins)
+    tok = model.tokenizer
+    result: dict = {
+        "calofm_version": __version__,
+        "torch_version": torch.__version__,
+        "device": "cpu",
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "clock": "process CPU time" if torch.get_num_threads() == 1 else "wall clock",
+        "settings": asdict(s),
+        "model": {
+            "preset": s.preset,
+            **model.config.to_dict(),
+            "parameters": model.n_parameters(),
+            "spatial_vocab": tok.spatial_vocab,
+            "energy_vocab": tok.energy_vocab,
+        },
+        "method": __doc__.split("Method. ")[1].split("\n\nExperts")[0].replace("\n", " "),
+    }
+
+    per_step: dict[str, dict[int, StepTimes]] = {"kv": {}, "recompute": {}}
+    memory: dict[int, dict] = {}
+    split: dict[int, dict] = {}
+    for b in s.batch_sizes:
+        runner = StepRunner(model, b, max_len)
+        for mode in ("kv", "recompute"):
+            times = []
+            for prefix in s.probes:
+                step = getattr(runner, mode)(prefix)
+                # Recomputing long prefixes of large batches takes seconds per step: time it once.
+                heavy = mode == "recompute" and b * (prefix + 1) > 20_000
+                times.append(_median_time(step, 1 if heavy else s.repeats, warm_up=not heavy))
+                log(f"batch {b:4d} {mode:9s} prefix {prefix:5d}: {1e3 * times[-1]:9.2f} ms/step")
+            per_step[mode][b] = StepTimes(list(s.probes), times)
+        memory[b] = {"kv_cache_bytes": model.setup_cache(b, max_len), "peak_rss_mib": _rss_mib()}
+        split[b] = _sampling_share(runner, (max(s.probes) + 1) // 2, s.repeats)
+        model.clear_cache()
+
+    table = []
+    for b in s.batch_sizes:
+        for n in s.lengths:
+            kv, rc = per_step["kv"][b].total(n), per_step["recompute"][b].total(n)
+            table.append(
+                {
+                    "batch": b,
+                    "length": n,
+                    "kv_s": kv,
+                    "recompute_s": rc,
+                    "speedup": rc / kv,
+                    "kv_showers_per_s": b / kv,
+                    "kv_tokens_per_s": b * n / kv,
+                    "recompute_showers_per_s": b / rc,
+                    "recompute_tokens_per_s": b * n / rc,
+                }
+            )
+    result["per_step_ms"] = {
+        mode: {
+            str(b): {str(p): 1e3 * t for p, t in zip(st.probes, st.seconds, strict=True)}
+            for b, st in d.items()
+        }
+        for mode, d in per_step.items()
+    }
+    result["table"] = table
+    longest = max(s.lengths)
+    by_batch = {str(r["batch"]): r["speedup"] for r in table if r["length"] == longest}
+    result[f"kv_speedup_at_{longest}_by_batch"] = by_batch
+    ref = str(s.reference_batch if s.reference_batch in s.batch_sizes else s.batch_sizes[-1])
+    result[f"kv_speedup_at_{longest}"] = by_batch[ref]
+    result["kv_speedup_reference_batch"] = int(ref)
+    result["memory"] = {str(b): m for b, m in memory.items()}
+    result["model_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
+    result["sampling_share_of_kv_step"] = {str(b): v for b, v in split.items()}
+
+    b, n = s.full_run
+    log(f"full KV decode: batch {b}, {n} tokens")
+    u = torch.from_numpy(np.random.default_rng(0).random((b, n + 1, 2)))
+    t0, wall0 = clock(), time.perf_counter()
+    out = decode(model, torch.zeros(b), torch.zeros(b, dtype=torch.long), SamplingConfig(), n, u)
+    measured, wall = clock() - t0, time.perf_counter() - wall0
+    assert int(out.n_hits.min()) == n, "EOS was disabled; every shower must run the full length"
+    fit = per_step["kv"][b].total(n + 1) if b in per_step["kv"] else None
+    result["full_run"] = {
+        "batch": b,
+        "length": n,
+        "measured_s": measured,
+        "wall_s": wall,
+        "extrapolated_s": fit,
+        "tokens_per_s": b * n / measured,
+    }
+    del model
+    result["experts"] = _bench_experts(s, max_len, log)
+    result["expert_cost_ratio_12_vs_2"] = result["experts"]["ratio_single_class"].get("12")
+    result["peak_rss_mib"] = _rss_mib()
+    return result
+
+
+def _sampling_share(runner: StepRunner, prefix: int, repeats: int) -> dict:
+    """Seconds of the KV step at ``prefix`` spent in the model and in sampling both heads."""
+    model = runner.model
+    model.setup_cache(runner.batch, runner.max_len + 1)
+    s, e = runner.spatial[:, prefix : prefix + 1], runner.energy[:, prefix : prefix + 1]
+    with torch.no_grad():
+
+        def forward():
+            return model.forward_step(s, e, prefix, runner.routing)
+
+        t_model = _median_time(forward, repeats)
+        ls, le = forward()
+        t_sample = _median_time(
+            lambda: runner._sample(ls.clone(), le.clone()), repeats
+        ) - _median_time(lambda: (ls.clone(), le.clone()), repeats)
+    model.clear_cache()
+    return {
+        "prefix": prefix,
+        "model_ms": 1e3 * t_model,
+        "sampling_ms": 1e3 * t_sample,
+        "sampling_share": t_sample / (t_model + t_sample),
+    }
+
+
+def _bench_experts(s: BenchSettings, max_len: int, log: Callable[[str], None]) -> dict:
+    b, prefix = s.expert_batch, (max(s.probes) + 1) // 2
+    runners = {}
+    for n in s.expert_counts:
+        model = bench_model(s.preset, n, s.n_bins)
+        runners[n] = {
+            "one": StepRunner(model, b, max_len),
+            "mix": StepRunner(model, b, max_len, torch.arange(b) % n),
+        }
+    times: dict[tuple[int, str], list[float]] = {
+        (n, k): [] for n in runners for k in ("one", "mix")
+    }
+    for _ in range(s.expert_rounds):  # interleaved, so slow drifts of the machine hit all alike
+        for n, pair in runners.items():
+            for key, runner in pair.items():
+                step = runner.kv(prefix)  # the model's cache is allocated once, then reused
+                step()
+                t0 = clock()
+                step()
+                times[(n, key)].append(clock() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    base = s.expert_counts[0]
+    for n in s.expert_counts:
+        one, mix = 1e3 * med[(n, "one")], 1e3 * med[(n, "mix")]
+        log(f"experts {n:3d}: one class {one:.2f} ms, mixed classes {mix:.2f} ms")
+    return {
+        "batch": b,
+        "prefix": prefix,
+        "step_ms_single_class": {str(n): 1e3 * med[(n, "one")] for n in s.expert_counts},
+        "step_ms_mixed_classes": {str(n): 1e3 * med[(n, "mix")] for n in s.expert_counts},
+        "ratio_single_class": {
+            str(n): med[(n, "one")] / med[(base, "one")] for n in s.expert_counts
+        },
+        "ratio_mixed_classes": {
+            str(n): med[(n, "mix")] / med[(base, "mix")] for n in s.expert_counts
+        },
+    }
+
+
+def format_table(result: dict) -> str:
+    m = result["model"]
+    lines = [
+        f"calofm {result['calofm_version']}, torch {result['torch_version']}, CPU, "
+        f"{result['threads']} threads; preset {m['preset']} ({m['parameters'] / 1e6:.1f}M "
+        f"parameters, vocabularies {m['spatial_vocab']} + {m['energy_vocab']})",
+        "",
+        f"{'batch':>5} {'tokens':>6} | {'recompute s':>11} {'KV s':>8} {'speed-up':>8} | "
+        f"{'KV showers/s':>12} {'KV tokens/s':>11} | {'recompute tokens/s':>18}",
+    ]
+    for r in result["table"]:
+        lines.append(
+            f"{r['batch']:>5} {r['length']:>6} | {r['recompute_s']:>11.1f} {r['kv_s']:>8.2f} "
+            f"{r['speedup']:>7.1f}x | {r['kv_showers_per_s']:>12.3f} {r['kv_tokens_per_s']:>11.0f}"
+            f" | {r['recompute_tokens_per_s']:>18.1f}"
+        )
+    fr = result["full_run"]
+    lines += [
+        "",
+        f"End-to-end KV decode, batch {fr['batch']} x {fr['length']} tokens: "
+        f"{fr['measured_s']:.2f} s measured, {fr['extrapolated_s']:.2f} s from the step fit "
+        f"({fr['tokens_per_s']:.0f} tokens/s)",
+        "Sampling share of a KV step (both heads): "
+        + ", ".join(
+            f"batch {b}: {100 * v['sampling_share']:.0f}% ({v['sampling_ms']:.2f} of "
+            f"{v['model_ms'] + v['sampling_ms']:.2f} ms)"
+            for b, v in result["sampling_share_of_kv_step"].items()
+        ),
+        "Memory: "
+        + ", ".join(
+            f"batch {b}: KV cache {v['kv_cache_bytes'] / 2**20:.1f} MiB"
+            for b, v in result["memory"].items()
+        )
+        + f"; model {result['model_bytes'] / 2**20:.0f} MiB; "
+        f"peak RSS {result['peak_rss_mib']:.0f} MiB",
+    ]
+    e = result["experts"]
+    lines.append(
+        f"Experts (KV step, batch {e['batch']}, prefix {e['prefix']}): "
+        + ", ".join(
+            f"{n}: {e['step_ms_single_class'][n]:.2f} ms (x{e['ratio_single_class'][n]:.3f}; "
+            f"rows of all classes x{e['ratio_mixed_classes'][n]:.3f})"
+            for n in e["step_ms_single_class"]
+        )
+    )
+    return "\n".join(lines)

@@ -1,0 +1,151 @@
+"""Model files: ``model.safetensors`` (weights, never pickle) and ``manifest.json`` (the rest).
+
+The manifest holds the model, tokenizer and detector configs, the class list, provenance, the calofm
+version and a sha256 content hash of the weights, so a model is rebuilt from its directory alone and
+loading checks it got exactly the tensors it expects. Files are written under temporary names and
+renamed, weights first: an interrupted save leaves a hash mismatch, never a silently wrong model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from calofm import __version__
+from calofm.detector import DetectorConfig
+from calofm.errors import CalofmError
+from calofm.model.config import ModelConfig
+from calofm.model.transformer import CaloFM
+from calofm.tokens import TokenizerConfig
+
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+MANIFEST_FILE = "manifest.json"
+
+
+def weights_hash(state_dict: dict[str, torch.Tensor]) -> str:
+    """sha256 over names, dtypes, shapes and raw bytes in name order; independent of file layout."""
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        t = state_dict[name].detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _weights(model: CaloFM) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+
+
+def model_hash(model: CaloFM) -> str:
+    return weights_hash(_weights(model))
+
+
+def save_model(model: CaloFM, directory: str | os.PathLike[str], provenance: dict) -> Path:
+    """Write the model into ``directory`` (created if needed; other files there are left alone)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = _weights(model)
+    manifest = {
+        "format": "calofm-model",
+        "format_version": FORMAT_VERSION,
+        "calofm_version": __version__,
+        "model": model.config.to_dict(),
+        "tokenizer": model.tokenizer.to_dict(),
+        "detector": model.detector.to_dict(),
+        "classes": list(model.classes),
+        "provenance": provenance,
+        "n_parameters": model.n_parameters(),
+        "weights_sha256": weights_hash(tensors),
+    }
+    tmp_weights = directory / f".{WEIGHTS_FILE}.{os.getpid()}.tmp"
+    tmp_manifest = directory / f".{MANIFEST_FILE}.{os.getpid()}.tmp"
+    try:
+        save_file(tensors, str(tmp_weights), metadata={"format": "pt"})
+        tmp_manifest.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
+        os.replace(tmp_weights, directory / WEIGHTS_FILE)
+        os.replace(tmp_manifest, directory / MANIFEST_FILE)
+    finally:
+        tmp_weights.unlink(missing_ok=True)
+        tmp_manifest.unlink(missing_ok=True)
+    return directory
+
+
+def read_manifest(directory: str | os.PathLike[str]) -> dict:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CalofmError(f"{directory}: no such model directory")
+    path = directory / MANIFEST_FILE
+    if not path.is_file():
+        raise CalofmError(f"{directory}: not a calofm model (no {MANIFEST_FILE})")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CalofmError(f"{path}: malformed JSON") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != "calofm-model":
+        raise CalofmError(f"{path}: not a calofm model manifest")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise CalofmError(
+            f"{path}: format version {manifest.get('format_version')!r}, this calofm reads "
+            f"{FORMAT_VERSION}"
+        )
+    missing = [
+        k
+        for k in ("model", "tokenizer", "detector", "classes", "weights_sha256")
+        if k not in manifest
+    ]
+    if missing:
+        raise CalofmError(f"{path}: manifest lacks {', '.join(missing)}")
+    return manifest
+
+
+def build_from_manifest(manifest: dict) -> CaloFM:
+    """An untrained model with the manifest's architecture (configs and classes)."""
+    try:
+        return CaloFM(
+            ModelConfig.from_dict(manifest["model"]),
+            TokenizerConfig.from_dict(manifest["tokenizer"]),
+            DetectorConfig.from_dict(manifest["detector"]),
+            list(manifest["classes"]),
+        )
+    except TypeError as exc:
+        raise CalofmError(f"model manifest: bad config ({exc})") from None
+
+
+def load_model(directory: str | os.PathLike[str], device: str | torch.device = "cpu") -> CaloFM:
+    """Rebuild a model from its directory; any mismatch between manifest and weights is an error."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    model = build_from_manifest(manifest)
+    path = directory / WEIGHTS_FILE
+    if not path.is_file():
+        raise CalofmError(f"{directory}: missing {WEIGHTS_FILE}")
+    try:
+        tensors = load_file(str(path))
+    except Exception as exc:  # safetensors raises its own error types for corrupt files
+        raise CalofmError(f"{path}: unreadable weights ({exc.__class__.__name__}: {exc})") from None
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise CalofmError(
+            f"{path}: weights do not match the manifest's model: missing {missing[:5]}"
+            f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+            f"{'...' if len(unexpected) > 5 else ''}"
+        )
+    for name, t in tensors.items():
+        want = expected[name]
+        if t.shape != want.shape or t.dtype != want.dtype:
+            raise CalofmError(
+                f"{path}: tensor {name} is {t.dtype} {tuple(t.shape)}, expected {want.dtype} "
+                f"{tuple(want.shape)}"
+            )
+    if weights_hash(tensors) != manifest["weights_sha256"]:
+        raise CalofmError(f"{path}: weights hash does not match the manifest (corrupt or replaced)")
+    model.load_state_dict(tensors, strict=True)
+    return model.to(device).eval()
