@@ -11,13 +11,21 @@ import argparse
 import importlib
 import pkgutil
 import sys
+from typing import NoReturn
 
 from calofm import __version__
 from calofm.errors import CalofmError
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line (``calofm simulate: error: ...``) and exit 2, like CalofmError."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="calofm",
         description="A foundation model for calorimeter shower simulation.",
     )
@@ -31,7 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version or a usage error: return its exit code
+        return int(exc.code or 0)
     try:
         return int(args.func(args) or 0)
     except CalofmError as exc:
