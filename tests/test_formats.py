@@ -26,7 +26,9 @@ def test_showerdata_files_load_with_the_showerdata_package(toy_showers, tmp_path
     path = write_showers(toy_showers, tmp_path / "s.h5")
     loaded = showerdata.load(path)
     assert len(loaded) == len(toy_showers)
-    assert np.allclose(loaded.points[0, : toy_showers.n_hits[0], 3].sum() * 1e3, toy_showers.shower(0)[1].sum())
+    assert np.allclose(
+        loaded.points[0, : toy_showers.n_hits[0], 3].sum() * 1e3, toy_showers.shower(0)[1].sum()
+    )
     assert loaded.pdg[0] == 22
 
 
@@ -86,7 +88,9 @@ def test_grid_mismatch_is_a_clear_error(tmp_path):
 
 
 def test_threshold_keeps_hits_strictly_above_and_handles_empty_showers():
-    s = SparseShowers(offsets=[0, 2, 2, 3], voxels=[1, 2, 3], energies=[0.05, 0.2, 0.1], incident=[1, 2, 3])
+    s = SparseShowers(
+        offsets=[0, 2, 2, 3], voxels=[1, 2, 3], energies=[0.05, 0.2, 0.1], incident=[1, 2, 3]
+    )
     t = s.threshold(0.1)
     assert t.n_hits.tolist() == [1, 0, 0] and t.voxels.tolist() == [2]
 
@@ -105,12 +109,38 @@ def test_from_dense_rejects_wrong_grid():
 def test_convert_round_trip_through_the_command_line(toy_showers, tmp_path, capsys):
     src = write_showers(toy_showers, tmp_path / "a.h5", fmt="getting_high")
     assert main(["convert", str(src), "--to", "showerdata", "--out", str(tmp_path / "b.h5")]) == 0
-    assert main(["convert", str(tmp_path / "b.h5"), "--to", "getting_high", "--out", str(tmp_path / "c.h5")]) == 0
-    assert np.allclose(read_showers(tmp_path / "c.h5").to_dense(), toy_showers.to_dense(), rtol=1e-6)
+    assert (
+        main(
+            [
+                "convert",
+                str(tmp_path / "b.h5"),
+                "--to",
+                "getting_high",
+                "--out",
+                str(tmp_path / "c.h5"),
+            ]
+        )
+        == 0
+    )
+    assert np.allclose(
+        read_showers(tmp_path / "c.h5").to_dense(), toy_showers.to_dense(), rtol=1e-6
+    )
 
 
 def test_convert_of_missing_file_is_one_line_and_exit_2(tmp_path, capsys):
-    assert main(["convert", str(tmp_path / "none.h5"), "--to", "showerdata", "--out", str(tmp_path / "o.h5")]) == 2
+    assert (
+        main(
+            [
+                "convert",
+                str(tmp_path / "none.h5"),
+                "--to",
+                "showerdata",
+                "--out",
+                str(tmp_path / "o.h5"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no such file" in err
     assert not (tmp_path / "o.h5").exists()

@@ -39,7 +39,11 @@ def test_vocabulary_sizes_follow_detector_and_binning():
     det = DetectorConfig(absorber_mm=(2.0,) * 10, nx=8, ny=6)
     cfg = TokenizerConfig.linear(det, bin_kev=10.0, max_mev=10.0)
     assert cfg.n_voxels == 480
-    assert cfg.spatial_vocab == 483 and (cfg.spatial_sos, cfg.spatial_eos, cfg.spatial_pad) == (480, 481, 482)
+    assert cfg.spatial_vocab == 483 and (cfg.spatial_sos, cfg.spatial_eos, cfg.spatial_pad) == (
+        480,
+        481,
+        482,
+    )
     assert cfg.n_bins == int(np.ceil((10.0 - 0.1) / 0.01))
     assert cfg.energy_vocab == cfg.n_bins + 3
 
@@ -75,7 +79,12 @@ def test_decode_merges_duplicate_voxels_and_reports_them():
     tok = Tokenizer(TokenizerConfig(scheme="log", n_bins=100))
     rng = np.random.default_rng(0)
     showers, n_dup = tok.decode(
-        [np.array([5, 7, 5])], [np.array([90, 50, 10])], np.array([20.0]), DetectorConfig(), "gamma", rng
+        [np.array([5, 7, 5])],
+        [np.array([90, 50, 10])],
+        np.array([20.0]),
+        DetectorConfig(),
+        "gamma",
+        rng,
     )
     assert n_dup == 1
     assert sorted(showers.voxels.tolist()) == [5, 7]
@@ -85,7 +94,11 @@ def test_decode_rejects_special_tokens_as_hits():
     cfg = TokenizerConfig(scheme="log", n_bins=100)
     with pytest.raises(CalofmError):
         Tokenizer(cfg).decode(
-            [np.array([cfg.spatial_eos])], [np.array([1])], np.array([20.0]), DetectorConfig(), "gamma",
+            [np.array([cfg.spatial_eos])],
+            [np.array([1])],
+            np.array([20.0]),
+            DetectorConfig(),
+            "gamma",
             np.random.default_rng(0),
         )
 

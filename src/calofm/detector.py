@@ -91,9 +91,9 @@ class DetectorConfig:
         return layer, x, y
 
     def lxy_to_voxel(self, layer: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-        return (np.asarray(layer, np.int64) * self.nx + np.asarray(x, np.int64)) * self.ny + np.asarray(
-            y, np.int64
-        )
+        return (
+            np.asarray(layer, np.int64) * self.nx + np.asarray(x, np.int64)
+        ) * self.ny + np.asarray(y, np.int64)
 
     def cell_centres_mm(self) -> tuple[np.ndarray, np.ndarray]:
         """Transverse cell-centre coordinates relative to the grid centre (the beam axis)."""

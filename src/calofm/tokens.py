@@ -47,7 +47,9 @@ class TokenizerConfig:
         return cls(n_voxels=detector.n_voxels, **kwargs)  # type: ignore[arg-type]
 
     @classmethod
-    def linear(cls, detector: DetectorConfig, bin_kev: float = 1.4, **kwargs: float) -> TokenizerConfig:
+    def linear(
+        cls, detector: DetectorConfig, bin_kev: float = 1.4, **kwargs: float
+    ) -> TokenizerConfig:
         """The paper's scheme: linear bins of ``bin_kev`` between the threshold and ``max_mev``."""
         lo = float(kwargs.get("threshold_mev", cls.threshold_mev))
         hi = float(kwargs.get("max_mev", cls.max_mev))
@@ -152,7 +154,9 @@ class Tokenizer:
         if c.scheme == "linear":
             bins = np.floor((e - c.threshold_mev) / (c.max_mev - c.threshold_mev) * c.n_bins)
         else:
-            bins = np.floor(np.log(e / c.threshold_mev) / np.log(c.max_mev / c.threshold_mev) * c.n_bins)
+            bins = np.floor(
+                np.log(e / c.threshold_mev) / np.log(c.max_mev / c.threshold_mev) * c.n_bins
+            )
         n_clipped = int(np.sum(e >= c.max_mev))
         return np.clip(bins, 0, c.n_bins - 1).astype(np.int64), n_clipped
 
@@ -166,9 +170,9 @@ class Tokenizer:
         """Incident energy mapped linearly to [-1, 1] over the configured range."""
         c = self.config
         e = np.asarray(incident_gev, dtype=np.float32)
-        return (2 * (e - c.incident_min_gev) / (c.incident_max_gev - c.incident_min_gev) - 1).astype(
-            np.float32
-        )
+        return (
+            2 * (e - c.incident_min_gev) / (c.incident_max_gev - c.incident_min_gev) - 1
+        ).astype(np.float32)
 
     def encode(self, showers: SparseShowers) -> EncodedShowers:
         """Threshold, order by falling energy (ties by voxel index) and bin a set of showers."""
@@ -203,7 +207,7 @@ class Tokenizer:
         """
         c = self.config
         counts, voxels, energies, n_dup = [], [], [], 0
-        for s, e in zip(spatial, energy):
+        for s, e in zip(spatial, energy, strict=True):
             s = np.asarray(s, dtype=np.int64)
             e = np.asarray(e, dtype=np.int64)
             if np.any((s < 0) | (s >= c.n_voxels)) or np.any((e < 0) | (e >= c.n_bins)):

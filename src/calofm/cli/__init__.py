@@ -49,7 +49,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"calofm {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"calofm {args.command}: interrupted; run the same command again to resume", file=sys.stderr)
+        print(
+            f"calofm {args.command}: interrupted; run the same command again to resume",
+            file=sys.stderr,
+        )
         return 130
 
 

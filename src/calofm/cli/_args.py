@@ -33,7 +33,9 @@ def incident_energy(text: str) -> float:
 def add_energy_options(parser: argparse.ArgumentParser) -> None:
     """--energy E or --energy-range LO HI (GeV), one of them required."""
     group = parser.add_mutually_exclusive_group(required=True)
-    group.add_argument("--energy", type=incident_energy, metavar="GEV", help="fixed incident energy")
+    group.add_argument(
+        "--energy", type=incident_energy, metavar="GEV", help="fixed incident energy"
+    )
     group.add_argument(
         "--energy-range",
         type=incident_energy,
@@ -51,3 +53,42 @@ def energy_bounds(args: argparse.Namespace) -> tuple[float, float]:
     if lo > hi:
         raise CalofmError(f"--energy-range {lo:g} {hi:g}: LO must not exceed HI")
     return lo, hi
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """A number in [0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
+    return value
+
+
+def add_budget_options(parser: argparse.ArgumentParser) -> None:
+    """--epochs, --max-steps, --time-limit: training stops at the first one reached."""
+    budget = parser.add_argument_group("budget (training stops at the first one reached)")
+    budget.add_argument("--epochs", type=positive_int)
+    budget.add_argument("--max-steps", type=positive_int)
+    budget.add_argument("--time-limit", type=positive_float, metavar="MINUTES")

@@ -58,6 +58,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("--model", required=True, metavar="DIR", help="model directory")
+    p.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="adapter directory to load on top of the model (repeatable, any order)",
+    )
     p.add_argument("--material", required=True, help="absorber material, e.g. G4_W")
     p.add_argument("--particle", required=True, help="particle, e.g. gamma or e-")
     p.add_argument("-n", type=positive_int, required=True, help="number of showers")
@@ -107,10 +114,10 @@ def _device(name: str) -> str:
 
 
 def load_generator_model(args: argparse.Namespace, device: str):
-    """The model that generates: the base model (adapters, when given, are applied here)."""
-    from calofm.model.io import load_model
+    """The model that generates: the base model plus every adapter given with --adapter."""
+    from calofm.adapters import load_model_with_adapters
 
-    return load_model(args.model, device=device)
+    return load_model_with_adapters(args.model, args.adapter, device=device)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -120,6 +127,7 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from calofm import __version__
+    from calofm.adapters import describe
     from calofm.data.formats import ShowerWriter, file_metadata
     from calofm.data.showers import SparseShowers
     from calofm.errors import CalofmError
@@ -127,7 +135,6 @@ def run(args: argparse.Namespace) -> int:
     from calofm.generation.engine import INCIDENT, generate, seeded_rng
     from calofm.generation.sampler import SamplingConfig
     from calofm.model.config import class_name
-    from calofm.model.io import model_hash
     from calofm.particles import pdg_code
 
     lo, hi = energy_bounds(args)
@@ -152,9 +159,11 @@ def run(args: argparse.Namespace) -> int:
         )
     incident = seeded_rng(args.seed, INCIDENT).uniform(lo, hi, args.n).astype(np.float32)
 
+    composition = describe(model)
     generator = {
         "program": f"calofm {__version__}",
-        "model_sha256": model_hash(model),
+        "model_sha256": composition["base_weights_sha256"],
+        "adapters": composition["adapters"],
         "class": cls,
         "sampling": sampling.to_dict(),
         "max_hits": max_hits,

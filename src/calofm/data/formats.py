@@ -90,7 +90,9 @@ def _header(f: h5py.File, path: Path) -> ShowerFileInfo:
         if not isinstance(layers, h5py.Dataset) or not isinstance(energy, h5py.Dataset):
             raise CalofmError(f"{path}: getting_high layout needs datasets 'layers' and 'energy'")
         if layers.ndim != 4 or layers.shape[0] != energy.shape[0]:
-            raise CalofmError(f"{path}: 'layers' must be (N, layer, x, y) with one energy per shower")
+            raise CalofmError(
+                f"{path}: 'layers' must be (N, layer, x, y) with one energy per shower"
+            )
         if "detector" not in meta:
             n_layers, nx, ny = layers.shape[1:]
             if (n_layers, nx, ny) != detector.shape:
@@ -105,8 +107,12 @@ def _header(f: h5py.File, path: Path) -> ShowerFileInfo:
 
     if "showers" in f and "energies" in f and "num_points" in f:
         pdg = f["pdg"][:1] if "pdg" in f and f["pdg"].shape[0] else None
-        particle = str(meta.get("particle") or (particle_from_pdg(int(pdg[0])) if pdg is not None else "gamma"))
-        return ShowerFileInfo(path, "showerdata", int(f["energies"].shape[0]), detector, particle, meta)
+        particle = str(
+            meta.get("particle") or (particle_from_pdg(int(pdg[0])) if pdg is not None else "gamma")
+        )
+        return ShowerFileInfo(
+            path, "showerdata", int(f["energies"].shape[0]), detector, particle, meta
+        )
 
     raise CalofmError(
         f"{path}: unknown layout (expected a showerdata file or a getting_high '30x30' group)"
@@ -155,14 +161,25 @@ def _read_showerdata(f: h5py.File, info: ShowerFileInfo, start: int, stop: int) 
     incident = f["energies"][start:stop].reshape(-1).astype(np.float32)
     validate_energies(incident, f"{info.path}: incident energies")
     width = int(f["shape"][2]) if "shape" in f else 4
-    points = np.concatenate([r[: n * width] for r, n in zip(rows, num_points)]) if len(rows) else np.zeros(0)
+    points = (
+        np.concatenate([r[: n * width] for r, n in zip(rows, num_points, strict=True)])
+        if len(rows)
+        else np.zeros(0)
+    )
     points = points.reshape(-1, width)
     ix = np.rint(points[:, 0] / det.cell_mm - 0.5 + det.nx / 2).astype(np.int64)
     iy = np.rint(points[:, 1] / det.cell_mm - 0.5 + det.ny / 2).astype(np.int64)
     layer = np.rint(points[:, 2]).astype(np.int64)
     energy = points[:, 3] / GEV
     validate_energies(energy, f"{info.path}: point energies")
-    inside = (ix >= 0) & (ix < det.nx) & (iy >= 0) & (iy < det.ny) & (layer >= 0) & (layer < det.n_layers)
+    inside = (
+        (ix >= 0)
+        & (ix < det.nx)
+        & (iy >= 0)
+        & (iy < det.ny)
+        & (layer >= 0)
+        & (layer < det.n_layers)
+    )
     if not np.all(inside):
         raise CalofmError(f"{info.path}: {np.sum(~inside)} points lie outside the detector grid")
     return SparseShowers(
@@ -209,7 +226,9 @@ def _points(showers: SparseShowers) -> tuple[list[np.ndarray], np.ndarray]:
     pts = np.stack(
         [xs[ix], ys[iy], layer.astype(np.float32), showers.energies * GEV], axis=1
     ).astype(np.float32)
-    rows = [pts[a:b].reshape(-1) for a, b in zip(showers.offsets[:-1], showers.offsets[1:])]
+    rows = [
+        pts[a:b].reshape(-1) for a, b in zip(showers.offsets[:-1], showers.offsets[1:], strict=True)
+    ]
     return rows, showers.n_hits.astype(np.int32)
 
 
@@ -291,7 +310,9 @@ class ShowerWriter:
 
     def finish(self) -> Path:
         if self.n_written != self.n_total:
-            raise CalofmError(f"{self.path}: only {self.n_written} of {self.n_total} showers written")
+            raise CalofmError(
+                f"{self.path}: only {self.n_written} of {self.n_total} showers written"
+            )
         with h5py.File(self.partial, "a") as f:
             del f.attrs["run_signature"]
             del f.attrs["n_written"]
@@ -308,7 +329,9 @@ def _showerdata_version() -> str:
 class GettingHighWriter:
     """Append showers as dense (N, layer, x, y) MeV arrays; renamed to the final name on ``finish``."""
 
-    def __init__(self, path: str | os.PathLike[str], n_total: int, metadata: dict, detector: DetectorConfig):
+    def __init__(
+        self, path: str | os.PathLike[str], n_total: int, metadata: dict, detector: DetectorConfig
+    ):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
@@ -340,7 +363,9 @@ class GettingHighWriter:
     def finish(self) -> Path:
         if self.n_written != self.n_total:
             self.tmp.unlink(missing_ok=True)
-            raise CalofmError(f"{self.path}: only {self.n_written} of {self.n_total} showers written")
+            raise CalofmError(
+                f"{self.path}: only {self.n_written} of {self.n_total} showers written"
+            )
         os.replace(self.tmp, self.path)
         return self.path
 

@@ -36,8 +36,10 @@ class SparseShowers:
         self.incident = np.asarray(self.incident, dtype=np.float32).reshape(-1)
         if self.offsets.ndim != 1 or len(self.offsets) != len(self.incident) + 1:
             raise CalofmError("showers: offsets must have one entry more than incident energies")
-        if self.offsets[0] != 0 or self.offsets[-1] != len(self.voxels) or len(self.voxels) != len(
-            self.energies
+        if (
+            self.offsets[0] != 0
+            or self.offsets[-1] != len(self.voxels)
+            or len(self.voxels) != len(self.energies)
         ):
             raise CalofmError("showers: offsets do not match the number of hits")
 
@@ -65,9 +67,9 @@ class SparseShowers:
         idx = np.arange(len(self))[index]
         counts = self.n_hits[idx]
         starts = self.offsets[idx]
-        hit_idx = np.repeat(starts - np.concatenate([[0], np.cumsum(counts)[:-1]]), counts) + np.arange(
-            counts.sum()
-        )
+        hit_idx = np.repeat(
+            starts - np.concatenate([[0], np.cumsum(counts)[:-1]]), counts
+        ) + np.arange(counts.sum())
         return SparseShowers(
             offsets=np.concatenate([[0], np.cumsum(counts)]),
             voxels=self.voxels[hit_idx],
@@ -114,7 +116,7 @@ class SparseShowers:
                 f"showers: dense array has shape {cells.shape[1:]}, detector expects {detector.shape}"
             )
         validate_energies(cells, "cell energies")
-        flat = cells.reshape(len(cells), -1)
+        flat = cells.reshape(len(cells), detector.n_voxels)
         rows, voxels = np.nonzero(flat > 0)
         counts = np.bincount(rows, minlength=len(cells))
         return cls(
@@ -148,7 +150,9 @@ def concatenate(parts: list[SparseShowers]) -> SparseShowers:
     first = parts[0]
     for p in parts[1:]:
         if p.detector != first.detector or p.particle != first.particle:
-            raise CalofmError("showers: cannot concatenate showers of different classes or detectors")
+            raise CalofmError(
+                "showers: cannot concatenate showers of different classes or detectors"
+            )
     counts = np.concatenate([p.n_hits for p in parts])
     return SparseShowers(
         offsets=np.concatenate([[0], np.cumsum(counts)]),

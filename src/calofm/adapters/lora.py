@@ -1,0 +1,91 @@
+"""LoRA per particle on the attention projections: ``W x + b + s * B(A x)`` on that particle's rows.
+
+``s = alpha / sqrt(rank)`` (rank-stabilised LoRA, as the reference). ``B`` starts at zero, so a
+new LoRA leaves the projection unchanged. The base output is computed for the whole batch and the
+LoRA term added to its own rows only, so rows of other particles stay bit-identical to the base
+model's. In the KV-cache decode path the adapted keys and values are what gets cached.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from calofm.adapters.rows import active, add_rows, take
+from calofm.errors import CalofmError
+from calofm.model.experts import RoutedLinear, Routing
+from calofm.model.transformer import CaloFM
+
+PROJECTIONS = ("wq", "wk", "wv", "wo")
+
+
+class LoRA(nn.Module):
+    def __init__(
+        self,
+        d_in: int,
+        d_out: int,
+        rank: int,
+        alpha: float,
+        generator: torch.Generator | None = None,
+    ):
+        super().__init__()
+        self.A = nn.Parameter(torch.empty(rank, d_in))
+        self.B = nn.Parameter(torch.zeros(d_out, rank))
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5), generator=generator)  # as nn.Linear
+        self.scale = alpha / math.sqrt(rank)
+        self.enabled = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(x, self.A), self.B) * self.scale
+
+
+class LoRALinear(RoutedLinear):
+    """A base projection (the same parameters) plus one LoRA per particle."""
+
+    def __init__(self, base: RoutedLinear):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias
+        self.lora = nn.ModuleDict()
+
+    def forward(self, x: torch.Tensor, routing: Routing | None = None) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        if routing is None or not len(self.lora):
+            return y
+        for particle, rows in active(routing.by_particle, self.lora):
+            y = add_rows(y, rows, self.lora[particle](take(x, rows)))
+        return y
+
+
+def add_lora(
+    model: CaloFM,
+    particle: str,
+    rank: int,
+    alpha: float,
+    generator: torch.Generator | None = None,
+) -> dict[str, nn.Module]:
+    """One LoRA per attention projection of every block for ``particle``; returns them by name."""
+    out: dict[str, nn.Module] = {}
+    for i, block in enumerate(model.blocks):
+        for name in PROJECTIONS:
+            proj = getattr(block.attn, name)
+            if not isinstance(proj, LoRALinear):
+                proj = LoRALinear(proj)
+                setattr(block.attn, name, proj)
+            if particle in proj.lora:
+                raise CalofmError(f"model already has a LoRA for particle {particle}")
+            lora = LoRA(proj.in_features, proj.out_features, rank, alpha, generator)
+            proj.lora[particle] = lora.to(proj.weight)
+            out[f"blocks.{i}.attn.{name}.lora"] = proj.lora[particle]
+    return out
+
+
+def remove_lora(model: CaloFM, particle: str) -> None:
+    for block in model.blocks:
+        for name in PROJECTIONS:
+            proj = getattr(block.attn, name)
+            if isinstance(proj, LoRALinear) and particle in proj.lora:
+                del proj.lora[particle]

@@ -1,0 +1,215 @@
+"""``calofm train``: pre-train a model on one or more (material, particle) classes."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+
+from calofm.cli._args import incident_energy, positive_int
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "train",
+        help="train a model on Geant4 showers",
+        description=(
+            "Train a CaloFM model on one or more (material, particle) classes, class-balanced. "
+            "Writes MODEL_DIR (the best weights by validation loss, loadable by every other "
+            "command), train_log.jsonl, loss_curve.png, training.json and checkpoints/. "
+            "Run under torchrun --nproc-per-node N for data-parallel training; batch sizes are "
+            "global. Ctrl-C stops after the current step and writes a checkpoint; continue with "
+            "the same command plus --resume."
+        ),
+    )
+    p.add_argument(
+        "--data",
+        action="append",
+        required=True,
+        metavar="MATERIAL:particle=PATH",
+        help="training showers of one class, e.g. G4_W:gamma=W_gamma_train_0.h5; repeat for more "
+        "files or classes; PATH may be a glob (quote it)",
+    )
+    p.add_argument("--preset", default="small", help="model size: paper, small or tiny")
+    p.add_argument("--out", required=True, metavar="MODEL_DIR", help="output model directory")
+    budget = p.add_argument_group("budget (training stops at the first one reached)")
+    budget.add_argument("--epochs", type=positive_int)
+    budget.add_argument("--max-steps", type=positive_int)
+    budget.add_argument("--time-limit", type=_positive_float, metavar="MINUTES")
+    data = p.add_argument_group("data selection")
+    data.add_argument(
+        "--n-events",
+        type=positive_int,
+        metavar="N",
+        help="training showers per class (default all)",
+    )
+    data.add_argument(
+        "--repeat",
+        type=_non_negative_int,
+        default=0,
+        help="which subset of N for this seed: disjoint while the data allows, else bootstrapped",
+    )
+    data.add_argument(
+        "--val-fraction", type=_fraction, default=0.05, help="showers held out per class"
+    )
+    data.add_argument("--seed", type=int, default=0, help="data split, subsets, batches, init")
+    opt = p.add_argument_group("optimisation (defaults from the preset)")
+    size = opt.add_mutually_exclusive_group()
+    size.add_argument("--batch-size", type=positive_int, help="showers per optimizer step")
+    size.add_argument("--batch-tokens", type=positive_int, help="padded tokens per step and stream")
+    opt.add_argument("--lr", type=_positive_float, help="peak learning rate (AdamW)")
+    opt.add_argument("--warmup", type=_non_negative_int, metavar="STEPS")
+    opt.add_argument("--amp", action="store_true", help="bfloat16 autocast (default fp32)")
+    opt.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+    opt.add_argument("--resume", action="store_true", help="continue from MODEL_DIR/checkpoints")
+    tok = p.add_argument_group("tokenizer (defaults from the preset; edges from the data)")
+    tok.add_argument("--energy-scheme", choices=("linear", "log"))
+    tok.add_argument("--energy-bins", type=positive_int)
+    tok.add_argument("--max-hits", type=positive_int, help="longer showers are excluded")
+    tok.add_argument("--incident-range", type=incident_energy, nargs=2, metavar=("LO", "HI"))
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from calofm.errors import CalofmError
+    from calofm.model import CaloFM, preset
+    from calofm.tokens import Tokenizer
+    from calofm.training import distributed
+    from calofm.training.config import TrainConfig, preset_defaults
+    from calofm.training.data import build_datasets, fit_tokenizer, load_classes, parse_data_specs
+    from calofm.training.trainer import train
+
+    model_config = preset(args.preset)
+    defaults = preset_defaults(args.preset)
+    specs = parse_data_specs(args.data)
+    if args.incident_range and args.incident_range[0] >= args.incident_range[1]:
+        raise CalofmError("--incident-range LO HI: LO must be below HI")
+    config = TrainConfig(
+        epochs=args.epochs,
+        max_steps=args.max_steps,
+        time_limit_min=args.time_limit,
+        batch_size=None if args.batch_tokens else (args.batch_size or defaults.batch_size),
+        batch_tokens=args.batch_tokens,
+        lr=args.lr or defaults.lr,
+        warmup_steps=defaults.warmup_steps if args.warmup is None else args.warmup,
+        seed=args.seed,
+        amp=args.amp,
+    )
+    env = distributed.setup(args.device)
+    try:
+        classes = load_classes(
+            specs,
+            n_train=args.n_events,
+            val_fraction=args.val_fraction,
+            seed=args.seed,
+            repeat=args.repeat,
+        )
+        detector = classes[0].selection.train.detector
+        tok_config = fit_tokenizer(
+            [c.selection.train for c in classes],
+            detector,
+            defaults,
+            scheme=args.energy_scheme,
+            n_bins=args.energy_bins,
+            max_hits=args.max_hits,
+            incident_range=tuple(args.incident_range) if args.incident_range else None,
+        )
+        names = [c.name for c in classes]
+        train_set, val_set = build_datasets(classes, Tokenizer(tok_config), names)
+        if env.is_main:
+            for c in classes:
+                prov = c.selection.provenance
+                print(
+                    f"{c.name}: {prov['n_train']} training and {prov['n_val']} validation showers "
+                    f"from {len(prov['files'])} file(s)"
+                    + (" (bootstrapped subset)" if prov["bootstrapped"] else ""),
+                    flush=True,
+                )
+            for message in train_set.messages() + val_set.messages():
+                print(message, flush=True)
+        torch.manual_seed(args.seed)
+        model = CaloFM(model_config, tok_config, detector, names)
+        provenance = {
+            "command": " ".join(["calofm", *sys.argv[1:]]),
+            "preset": args.preset,
+            "seed": args.seed,
+            "data": {c.name: c.selection.provenance for c in classes},
+        }
+        stop = {"requested": False}
+
+        def request_stop(signum, frame):
+            if stop["requested"]:
+                raise KeyboardInterrupt
+            stop["requested"] = True
+            if env.is_main:
+                print(
+                    "\nstopping after this step and writing a checkpoint (again to abort)",
+                    file=sys.stderr,
+                )
+
+        previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            result = train(
+                model,
+                train_set,
+                val_set,
+                config,
+                None,
+                args.out,
+                provenance=provenance,
+                resume=args.resume,
+                device=args.device,
+                should_stop=lambda step: stop["requested"],
+            )
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+    finally:
+        distributed.teardown(env)
+    if result.interrupted:
+        if env.is_main:
+            print(
+                f"calofm train: stopped at step {result.steps}; checkpoint written; run the same "
+                "command with --resume to continue",
+                file=sys.stderr,
+            )
+        return 130
+    if env.is_main:
+        best = "n/a" if result.best_val_loss is None else f"{result.best_val_loss:.4f}"
+        print(
+            f"trained {result.steps} steps in {result.elapsed_s / 60:.1f} min; best validation "
+            f"loss {best}; model in {args.out}"
+        )
+    return 0

@@ -1,0 +1,1 @@
+"""Studies that chain training, generation and evaluation over many runs (fine-tuning)."""

@@ -1,0 +1,472 @@
+"""Adapters: new materials and particles without forgetting, proven on a tiny model.
+
+Every class that existed before an adapter keeps bit-identical logits and generated showers; the
+base weights keep their hash; adapters save, load, stack, switch off and detach exactly.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_toy_showers
+from test_kv_cache import assert_steps_match
+
+from calofm.adapters import (
+    AdapterConfig,
+    attach,
+    base_weights_hash,
+    check_base,
+    detach,
+    detach_all,
+    disable,
+    disabled,
+    enable,
+    load_adapters,
+    load_model_with_adapters,
+    read_manifest,
+    registry,
+    save_adapter,
+)
+from calofm.adapters.files import TENSORS_FILE
+from calofm.adapters.lora import LoRALinear
+from calofm.adapters.stage import run_stage
+from calofm.data.formats import write_showers
+from calofm.detector import DetectorConfig
+from calofm.errors import CalofmError
+from calofm.generation.engine import generate
+from calofm.model import CaloFM, model_hash, preset, save_model
+from calofm.tokens import TokenizerConfig
+from calofm.training.config import TrainConfig
+
+DET = DetectorConfig(absorber_mm=(2.1,) * 6, nx=6, ny=6)
+TOKENS = TokenizerConfig.for_detector(
+    DET,
+    scheme="log",
+    n_bins=32,
+    max_mev=20.0,
+    max_hits=200,
+    incident_min_gev=1.0,
+    incident_max_gev=5.0,
+)
+BASE = ["G4_W:gamma", "G4_Ta:gamma"]
+PB_GAMMA = AdapterConfig(class_name="G4_Pb:gamma", init_from="G4_Ta:gamma", condition=True)
+W_ELECTRON = AdapterConfig(
+    particle="e-",
+    rank=4,
+    alpha=8.0,
+    embed_bottleneck=4,
+    class_name="G4_W:e-",
+    init_from="G4_W:gamma",
+)
+PB_ELECTRON = AdapterConfig(class_name="G4_Pb:e-", init_from="G4_W:e-", condition=True)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def base_model(seed: int = 0) -> CaloFM:
+    torch.manual_seed(seed)
+    return CaloFM(preset("tiny"), TOKENS, DET, BASE).eval()
+
+
+def tokens(b: int, t: int = 10, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randint(0, TOKENS.n_voxels, (b, t), generator=g)
+    e = torch.randint(0, TOKENS.n_bins, (b, t), generator=g)
+    s[:, 0], e[:, 0] = TOKENS.spatial_sos, TOKENS.energy_sos
+    return s, e, torch.rand(b, generator=g) * 2 - 1
+
+
+def logits(model: CaloFM, classes: list[str], seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    s, e, inc = tokens(len(classes), seed=seed)
+    ids = torch.tensor([model.class_index(c) for c in classes])
+    with torch.no_grad():
+        return model(s, e, inc, ids)
+
+
+def perturb(model: CaloFM, name: str, seed: int = 3) -> None:
+    """Give an adapter non-trivial weights, as training would."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in registry(model).adapters[name].parameters():
+            p.add_(0.2 * torch.randn(p.shape, generator=g))
+
+
+def trained(model: CaloFM, *configs: AdapterConfig) -> CaloFM:
+    for k, config in enumerate(configs):
+        attach(model, config)
+        perturb(model, config.name, seed=10 + k)
+    return model
+
+
+def assert_equal(a, b) -> None:
+    for x, y in zip(a, b, strict=True):
+        assert torch.equal(x, y)
+
+
+# ---- starting point and no forgetting ----------------------------------------------------------
+
+
+def test_new_adapters_start_as_the_class_their_expert_copies():
+    model = base_model()
+    ta, w = logits(model, ["G4_Ta:gamma"] * 3), logits(model, ["G4_W:gamma"] * 3)
+    attach(model, PB_GAMMA)
+    attach(model, W_ELECTRON)
+    assert_equal(logits(model, ["G4_Pb:gamma"] * 3), ta)
+    assert_equal(logits(model, ["G4_W:e-"] * 3), w)
+
+
+def test_base_logits_and_hash_are_bit_identical_with_trained_adapters_attached():
+    model = base_model()
+    before, h = logits(model, ["G4_W:gamma", "G4_Ta:gamma"] * 2), model_hash(model)
+    trained(model, PB_GAMMA, W_ELECTRON, PB_ELECTRON)
+    assert model.classes == [*BASE, "G4_Pb:gamma", "G4_W:e-", "G4_Pb:e-"]
+    assert_equal(logits(model, ["G4_W:gamma", "G4_Ta:gamma"] * 2), before)
+    assert base_weights_hash(model) == h
+    assert all(
+        not p.requires_grad
+        for n, p in model.named_parameters()
+        if "lora" not in n and n in registry(model).base_keys
+    )
+    check_base(model)
+    with torch.no_grad():
+        model.blocks[0].attn.wq.weight[0, 0] += 1e-3
+    with pytest.raises(CalofmError, match="base model's weights have changed"):
+        check_base(model)
+
+
+def test_adapted_rows_really_change():
+    model = base_model()
+    before = logits(model, ["G4_W:gamma"] * 2)
+    trained(model, W_ELECTRON)
+    after = logits(model, ["G4_W:e-"] * 2)
+    assert all((a - b).abs().max() > 1e-2 for a, b in zip(after, before, strict=True))
+
+
+def test_disabling_switches_lora_heads_and_bottlenecks_off_and_detaching_restores_the_base():
+    model = base_model()
+    w, h = logits(model, ["G4_W:gamma"] * 3), model_hash(model)
+    attach(model, W_ELECTRON)
+    perturb(model, "G4_W:e-")
+    with torch.no_grad():  # the expert back to the W expert: only LoRA, heads, bottlenecks differ
+        for block in model.blocks:
+            block.experts.ffn[2].load_state_dict(block.experts.ffn[0].state_dict())
+    adapted = logits(model, ["G4_W:e-"] * 3)
+    with disabled(model):
+        assert_equal(logits(model, ["G4_W:e-"] * 3), w)
+    assert_equal(logits(model, ["G4_W:e-"] * 3), adapted)
+    disable(model, ["G4_W:e-"])
+    with disabled(model):
+        pass
+    assert_equal(logits(model, ["G4_W:e-"] * 3), w)  # the context kept it switched off
+    enable(model)
+    assert_equal(logits(model, ["G4_W:e-"] * 3), adapted)
+    attach(model, PB_GAMMA)
+    detach_all(model)
+    assert model.classes == BASE and model_hash(model) == h
+    assert_equal(logits(model, ["G4_W:gamma"] * 3), w)
+
+
+def test_mixed_batch_rows_equal_each_row_alone():
+    model = trained(base_model(), PB_GAMMA, W_ELECTRON, PB_ELECTRON)
+    classes = ["G4_W:e-", "G4_W:gamma", "G4_Pb:e-", "G4_Pb:gamma", "G4_Ta:gamma", "G4_W:e-"]
+    s, e, inc = tokens(len(classes))
+    ids = torch.tensor([model.class_index(c) for c in classes])
+    with torch.no_grad():
+        mixed = model(s, e, inc, ids)
+        for i in range(len(classes)):
+            alone = model(s[i : i + 1], e[i : i + 1], inc[i : i + 1], ids[i : i + 1])
+            for m, a in zip(mixed, alone, strict=True):
+                torch.testing.assert_close(m[i : i + 1], a, rtol=1e-5, atol=1e-5)
+
+
+def test_adding_a_second_particle_leaves_the_first_untouched():
+    model = trained(base_model(), W_ELECTRON, PB_ELECTRON)
+    first = [logits(model, [c] * 2) for c in ("G4_W:e-", "G4_Pb:e-")]
+    tensors = {k: v.clone() for k, v in registry(model).adapters["G4_W:e-"].tensors().items()}
+    positron = AdapterConfig(particle="e+", rank=2, class_name="G4_W:e+", init_from="G4_W:gamma")
+    trained(model, positron)
+    assert model.classes[-1] == "G4_W:e+"
+    for c, want in zip(("G4_W:e-", "G4_Pb:e-"), first, strict=True):
+        assert_equal(logits(model, [c] * 2), want)
+    after = registry(model).adapters["G4_W:e-"].tensors()
+    assert all(torch.equal(after[k], v) for k, v in tensors.items())
+    detach(model, "G4_W:e+")
+    assert_equal(logits(model, ["G4_W:e-"] * 2), first[0])
+
+
+def test_lora_is_the_low_rank_update_on_its_particles_rows_only():
+    model = trained(base_model(), W_ELECTRON)
+    proj = model.blocks[1].attn.wv
+    assert isinstance(proj, LoRALinear)
+    lora = proj.lora["e-"]
+    assert lora.scale == pytest.approx(8.0 / 2.0)  # alpha / sqrt(rank)
+    x = torch.randn(3, 5, model.config.d_model)
+    routing = model.routing(torch.tensor([0, 2, 1]))
+    with torch.no_grad():
+        y = proj(x, routing)
+        base = x @ proj.weight.T + proj.bias
+        torch.testing.assert_close(y[[0, 2]], base[[0, 2]], rtol=0, atol=0)
+        torch.testing.assert_close(y[1], base[1] + lora.scale * (x[1] @ lora.A.T @ lora.B.T))
+
+
+def test_kv_cache_decode_with_adapters_matches_the_full_forward_pass():
+    model = trained(base_model(), PB_GAMMA, W_ELECTRON, PB_ELECTRON)
+    classes = ["G4_W:e-", "G4_Pb:e-", "G4_W:gamma", "G4_Pb:gamma"]
+    s, e, inc = tokens(len(classes), t=12)
+    ids = torch.tensor([model.class_index(c) for c in classes])
+    assert_steps_match(model, s, e, inc, ids, [1] * 12)
+    assert_steps_match(model, s, e, inc, ids, [4, 1, 7])
+    assert_steps_match(model, s[1:2], e[1:2], inc[1:2], ids[1:2], [5, 1, 6])
+
+
+def test_adapters_train_under_bfloat16_autocast():
+    model = trained(base_model(), PB_GAMMA, W_ELECTRON, PB_ELECTRON)
+    classes = ["G4_W:e-", "G4_Pb:e-", "G4_W:gamma", "G4_Pb:gamma"]
+    s, e, inc = tokens(len(classes))
+    ids = torch.tensor([model.class_index(c) for c in classes])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model.loss(s, e, inc, ids)[0]
+    loss.backward()
+    grads = [p.grad for a in registry(model).adapters.values() for p in a.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_conditioning_biases_the_layers_of_its_class_only():
+    model = base_model()
+    attach(model, PB_GAMMA)
+    before = {c: logits(model, [c] * 2) for c in ("G4_Pb:gamma", "G4_Ta:gamma")}
+    modules = registry(model).adapters["G4_Pb:gamma"].parts["condition"]
+    bias = torch.arange(DET.n_layers, dtype=torch.float32)
+    with torch.no_grad():
+        modules["condition.layer_logits"].bias.copy_(bias)
+    spatial = logits(model, ["G4_Pb:gamma"] * 2)[0]
+    layer = torch.tensor(DET.voxel_to_lxy(np.arange(DET.n_voxels))[0])
+    shift = spatial - before["G4_Pb:gamma"][0]
+    torch.testing.assert_close(shift[..., : DET.n_voxels], bias[layer].expand_as(shift[..., :-3]))
+    assert torch.all(shift[..., DET.n_voxels :] == 0)  # SOS, EOS, PAD get no bias
+    assert_equal(logits(model, ["G4_Ta:gamma"] * 2), before["G4_Ta:gamma"])
+    # the layer-embedding shift reaches the logits and gets gradients from the loss
+    s, e, inc = tokens(2)
+    ids = torch.full((2,), model.class_index("G4_Pb:gamma"))
+    model.loss(s, e, inc, ids)[0].backward()
+    table = modules["condition.layer_embed"].table
+    assert table.grad is not None and table.grad.abs().sum() > 0
+    with torch.no_grad():
+        table.add_(0.5)
+    assert not torch.equal(logits(model, ["G4_Pb:gamma"] * 2)[0], spatial)
+
+
+# ---- rules --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("configs", "message"),
+    [
+        ([AdapterConfig(particle="gamma", class_name="G4_Pb:gamma")], "one of the base model's"),
+        ([AdapterConfig(class_name="G4_Pb:e-")], "unknown to the base model"),
+        ([AdapterConfig(class_name="G4_W:gamma")], "already has class"),
+        ([AdapterConfig(class_name="G4_Pb:gamma", init_from="G4_Cu:gamma")], "no class"),
+        (
+            [W_ELECTRON, AdapterConfig(particle="e-", class_name="G4_Ta:e-")],
+            "already has an adapter",
+        ),
+    ],
+)
+def test_adapters_that_would_touch_other_classes_are_refused(configs, message):
+    model = base_model()
+    h = model_hash(model)
+    with pytest.raises(CalofmError, match=message):
+        for config in configs:
+            attach(model, config)
+    for name in list(registry(model).adapters):
+        detach(model, name)
+    assert model.classes == BASE and model_hash(model) == h
+
+
+def test_a_particle_adapter_cannot_be_detached_from_under_its_expert():
+    model = trained(base_model(), W_ELECTRON, PB_ELECTRON)
+    with pytest.raises(CalofmError, match="detach those first"):
+        detach(model, "G4_W:e-")
+
+
+def test_config_validation():
+    with pytest.raises(CalofmError, match="particle, a class or both"):
+        AdapterConfig()
+    with pytest.raises(CalofmError, match="rank"):
+        AdapterConfig(particle="e-", rank=0)
+    with pytest.raises(CalofmError, match="not of the adapter's particle"):
+        AdapterConfig(particle="e-", class_name="G4_W:gamma")
+    with pytest.raises(CalofmError, match="unknown particle"):
+        AdapterConfig(particle="electron")
+    assert AdapterConfig.from_dict(W_ELECTRON.to_dict()) == W_ELECTRON
+
+
+# ---- files --------------------------------------------------------------------------------------
+
+
+def saved(tmp_path, model: CaloFM, *configs: AdapterConfig) -> list:
+    base_dir = save_model(model, tmp_path / "base", {})
+    dirs = []
+    trained(model, *configs)
+    for config in configs:
+        dirs.append(save_adapter(model, config.name, tmp_path / config.name, {"note": "test"}))
+    return [base_dir, *dirs]
+
+
+def test_save_load_round_trip_reproduces_every_class_exactly(tmp_path):
+    model = base_model()
+    base_dir, pb, w_e, pb_e = saved(tmp_path, model, PB_GAMMA, W_ELECTRON, PB_ELECTRON)
+    loaded = load_model_with_adapters(base_dir, [pb_e, pb, w_e])  # dependencies go first
+    assert sorted(loaded.classes) == sorted(model.classes)
+    for c in model.classes:
+        assert_equal(logits(loaded, [c] * 2), logits(model, [c] * 2))
+    assert all(not p.requires_grad for p in loaded.parameters())
+    manifest = read_manifest(w_e)
+    base_manifest = json.loads((base_dir / "manifest.json").read_text())
+    assert manifest["kind"] == "particle+expert" and manifest["particle"] == "e-"
+    assert manifest["config"]["rank"] == 4 and manifest["lora_scale"] == pytest.approx(4.0)
+    assert manifest["base_weights_sha256"] == base_manifest["weights_sha256"]
+    counts = registry(model).adapters["G4_W:e-"].counts()
+    d, n = DET.n_voxels + 3, model.config.n_blocks
+    heads = (d + TOKENS.energy_vocab) * (model.config.d_model + 1)
+    assert counts["heads"] == heads and counts["lora"] == n * 4 * 2 * 4 * model.config.d_model
+    assert manifest["n_parameters"] == counts
+    assert read_manifest(pb_e)["stacked_on"] == [
+        {"name": "G4_W:e-", "sha256": manifest["adapter_sha256"]}
+    ]
+    assert read_manifest(pb)["kind"] == "expert" and read_manifest(pb)["stacked_on"] == []
+
+
+def test_adapters_for_another_base_model_or_without_their_base_adapter_are_refused(tmp_path):
+    model = base_model()
+    _, pb, w_e, pb_e = saved(tmp_path, model, PB_GAMMA, W_ELECTRON, PB_ELECTRON)
+    other = base_model(seed=1)
+    with pytest.raises(CalofmError, match="another base model"):
+        load_adapters(other, [pb])
+    with pytest.raises(CalofmError, match="trained on top of adapter G4_W:e-"):
+        load_adapters(base_model(), [pb_e])
+    fresh = base_model()
+    with pytest.raises(CalofmError, match="given twice"):
+        load_adapters(fresh, [pb, pb])
+    assert fresh.classes == BASE
+
+
+def test_a_tampered_adapter_file_is_refused_and_leaves_the_model_as_it_was(tmp_path):
+    model = base_model()
+    _, pb, w_e = saved(tmp_path, model, PB_GAMMA, W_ELECTRON)
+    manifest = read_manifest(w_e)
+    manifest["config"]["rank"] = 8  # the tensors are rank 4
+    (w_e / "adapter.json").write_text(json.dumps(manifest))
+    fresh = base_model()
+    h = model_hash(fresh)
+    with pytest.raises(CalofmError, match="lora.A is torch.float32 \\(4, 32\\), the model expects"):
+        load_adapters(fresh, [w_e])
+    assert fresh.classes == BASE and model_hash(fresh) == h and not registry(fresh).adapters
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(pb / TENSORS_FILE)
+    tensors["blocks.0.expert.fc1.bias"][0] += 1.0
+    save_file(tensors, pb / TENSORS_FILE)
+    fresh = base_model()
+    with pytest.raises(CalofmError, match="do not match the manifest's hash"):
+        load_adapters(fresh, [pb])
+    assert fresh.classes == BASE
+
+
+# ---- a stage, and generation -------------------------------------------------------------------
+
+
+def toy_file(tmp_path, material: str, particle: str, n: int = 24, seed: int = 5):
+    showers = make_toy_showers(
+        n, seed=seed, detector=DET.with_material(material), particle=particle, energy_range=(1, 5)
+    )
+    return str(write_showers(showers, tmp_path / f"{material}_{particle}.h5"))
+
+
+def showers_of(model, classes, seed=7):
+    energies = np.linspace(1.5, 4.5, 4)
+    return {c: generate(model, c, energies, seed=seed, max_hits=30)[0][c] for c in classes}
+
+
+def test_a_stage_trains_only_its_adapter_and_generation_of_old_classes_is_unchanged(
+    tmp_path, capsys
+):
+    model = base_model()
+    h = model_hash(model)
+    before = showers_of(model, BASE)
+    config = TrainConfig(max_steps=3, batch_size=8, lr=1e-2, warmup_steps=0)
+    expert_before = [b.experts.ffn[1].fc1.weight.clone() for b in model.blocks]
+    result = run_stage(
+        model,
+        PB_GAMMA,
+        [toy_file(tmp_path, "G4_Pb", "gamma")],
+        config,
+        tmp_path / "pb",
+        n_events=16,
+        val_fraction=0.2,
+        device="cpu",
+        progress=False,
+    )
+    out = capsys.readouterr().out
+    assert f"{result.counts['total']:,} trainable parameters" in out
+    assert result.counts["total"] == sum(
+        p.numel() for p in registry(model).adapters["G4_Pb:gamma"].parameters()
+    )
+    assert base_weights_hash(model) == h
+    trained_expert = [b.experts.ffn[2].fc1.weight for b in model.blocks]
+    assert not any(torch.equal(a, b) for a, b in zip(expert_before, trained_expert, strict=True))
+    after = showers_of(model, BASE)
+    for c in BASE:
+        np.testing.assert_array_equal(after[c].offsets, before[c].offsets)
+        np.testing.assert_array_equal(after[c].voxels, before[c].voxels)
+        np.testing.assert_array_equal(after[c].energies, before[c].energies)
+    assert (tmp_path / "pb" / TENSORS_FILE).is_file()
+    assert not (tmp_path / "pb" / "checkpoints").exists()
+    manifest = read_manifest(tmp_path / "pb")
+    assert manifest["provenance"]["data"]["n_train"] == 16
+    assert manifest["provenance"]["training"]["step"] > 0
+
+
+def test_one_generate_call_mixes_base_and_adapted_classes():
+    model = trained(base_model(), PB_GAMMA, W_ELECTRON, PB_ELECTRON)
+    classes = ["G4_W:gamma", "G4_W:e-", "G4_Pb:e-", "G4_Pb:gamma", "G4_W:e-"]
+    out, stats = generate(model, classes, np.array([1.5, 2, 3, 4, 4.5]), seed=0, max_hits=20)
+    assert {c: len(s) for c, s in out.items()} == {
+        "G4_W:gamma": 1,
+        "G4_W:e-": 2,
+        "G4_Pb:e-": 1,
+        "G4_Pb:gamma": 1,
+    }
+    assert out["G4_Pb:e-"].particle == "e-" and out["G4_Pb:e-"].detector.material == "G4_Pb"
+    assert stats["n_showers"] == 5
+
+
+def test_an_interrupted_stage_resumes_to_the_same_adapter(tmp_path):
+    data = [toy_file(tmp_path, "G4_W", "e-")]
+    config = TrainConfig(epochs=2, batch_size=4, lr=1e-2, warmup_steps=0)
+    kwargs = dict(n_events=8, val_fraction=0.2, device="cpu", progress=False)
+    whole = base_model()
+    run_stage(whole, W_ELECTRON, data, config, tmp_path / "a", **kwargs)
+    stopped = run_stage(
+        base_model(), W_ELECTRON, data, config, tmp_path / "b", should_stop=lambda s: s == 3,
+        **kwargs,
+    )  # fmt: skip
+    assert stopped.train.interrupted and (tmp_path / "b" / "checkpoints").is_dir()
+    resumed = base_model()
+    run_stage(resumed, W_ELECTRON, data, config, tmp_path / "b", resume=True, **kwargs)
+    want = registry(whole).adapters["G4_W:e-"].tensors()
+    got = registry(resumed).adapters["G4_W:e-"].tensors()
+    assert all(torch.equal(got[k], v) for k, v in want.items())
+    assert (
+        read_manifest(tmp_path / "b")["adapter_sha256"]
+        == read_manifest(tmp_path / "a")["adapter_sha256"]
+    )
