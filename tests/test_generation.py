@@ -225,3 +225,16 @@ def test_a_model_that_overfits_a_few_showers_reproduces_their_statistics():
         assert abs(g.mean() / r.mean() - 1) < 0.1, name
         assert np.corrcoef(per_shower, r)[0, 1] > 0.9, name
     assert stats["n_truncated"] <= 2
+
+
+def test_unique_voxels_never_repeats_a_voxel_within_a_shower():
+    model = tiny_model()
+    with torch.no_grad():  # make a few voxels far likelier than the rest, so repeats are common
+        model.spatial_head.bias[:5] += 8.0
+    cls = model.classes[0]
+    energies = np.full(4, 50.0, np.float32)
+    _, stats_free = generate(model, cls, energies, seed=3, max_hits=300)
+    uniq, stats = generate(model, cls, energies, seed=3, max_hits=300, unique_voxels=True)
+    assert stats_free["n_duplicates"] > 0
+    assert stats["n_duplicates"] == 0
+    assert stats["n_hits"] == sum(len(uniq[cls].shower(i)[0]) for i in range(4))

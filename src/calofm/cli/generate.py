@@ -91,6 +91,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=positive_int, help="sample only among the k likeliest tokens")
     p.add_argument("--top-p", type=_top_p, help="sample only within this probability mass")
     p.add_argument(
+        "--unique-voxels",
+        action="store_true",
+        help="never sample a voxel the shower already has (instead of merging duplicates)",
+    )
+    p.add_argument(
         "--max-hits",
         type=positive_int,
         help="longest shower in hits (default: the model tokenizer's max_hits)",
@@ -146,6 +151,7 @@ def run(args: argparse.Namespace) -> int:
         tuple(args.dynamic_temperature) if args.dynamic_temperature else None,
         args.top_k,
         args.top_p,
+        args.unique_voxels,
     )
     model = load_generator_model(args, _device(args.device))
     cls = class_name(args.material, args.particle)
@@ -202,6 +208,7 @@ def run(args: argparse.Namespace) -> int:
                 top_k=sampling.top_k,
                 top_p=sampling.top_p,
                 dynamic_temperature=sampling.dynamic_temperature,
+                unique_voxels=sampling.unique_voxels,
                 max_hits=max_hits,
                 first_row=first,
                 progress=bar.update,

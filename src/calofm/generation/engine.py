@@ -95,6 +95,8 @@ def decode(
     seq_s[:, 0], seq_e[:, 0] = tok.spatial_sos, tok.energy_sos
     done = torch.zeros(b, dtype=torch.bool, device=dev)
     n_hits = torch.zeros(b, dtype=torch.long, device=dev)
+    rows = torch.arange(b, device=dev)
+    used = torch.zeros(b, tok.n_voxels, dtype=torch.bool, device=dev)
 
     def step_logits(start: int) -> tuple[torch.Tensor, torch.Tensor]:
         if use_cache:
@@ -111,6 +113,8 @@ def decode(
         steps = 0
         for step in range(max_hits + 1):
             ls, le = step_logits(step)
+            if sampling.unique_voxels:
+                ls[:, : tok.n_voxels].masked_fill_(used, float("-inf"))
             steps += 1
             temperature = sampling.temperature_at(step, max_hits)
             u = None if uniforms is None else uniforms[:, step]
@@ -118,6 +122,8 @@ def decode(
             done |= (s == tok.spatial_eos) | (e == tok.energy_eos)
             if step == max_hits or bool(done.all()):
                 break
+            if sampling.unique_voxels:
+                used[rows, s.clamp(max=tok.n_voxels - 1)] |= ~done
             seq_s[:, step + 1] = torch.where(done, tok.spatial_pad, s)
             seq_e[:, step + 1] = torch.where(done, tok.energy_pad, e)
             n_hits += (~done).long()
@@ -154,6 +160,7 @@ def generate(
     top_k: int | None = None,
     top_p: float | None = None,
     dynamic_temperature: tuple[float, float] | None = None,
+    unique_voxels: bool = False,
     max_hits: int | None = None,
     device: str | torch.device | None = None,
     first_row: int = 0,
@@ -177,7 +184,7 @@ def generate(
         raise CalofmError(f"generate: max hits must be at least 1, got {max_hits}")
     if not np.all(np.isfinite(incident_gev)) or np.any(incident_gev <= 0):
         raise CalofmError("generate: incident energies must be positive and finite")
-    sampling = SamplingConfig(temperature, dynamic_temperature, top_k, top_p)
+    sampling = SamplingConfig(temperature, dynamic_temperature, top_k, top_p, unique_voxels)
     if device is not None:
         model.to(device)
     dev = model.spatial_head.weight.device

@@ -27,6 +27,9 @@ class SamplingConfig:
     dynamic_temperature: tuple[float, float] | None = None
     top_k: int | None = None
     top_p: float | None = None
+    # Forbid a voxel that the shower already has: the training showers never repeat a voxel, so
+    # this keeps samples on the data's support instead of merging duplicates afterwards.
+    unique_voxels: bool = False
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
