@@ -6,37 +6,13 @@ import argparse
 import signal
 import sys
 
-from calofm.cli._args import incident_energy, positive_int
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
+from calofm.cli._args import (
+    fraction,
+    incident_energy,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -65,7 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     budget = p.add_argument_group("budget (training stops at the first one reached)")
     budget.add_argument("--epochs", type=positive_int)
     budget.add_argument("--max-steps", type=positive_int)
-    budget.add_argument("--time-limit", type=_positive_float, metavar="MINUTES")
+    budget.add_argument("--time-limit", type=positive_float, metavar="MINUTES")
     data = p.add_argument_group("data selection")
     data.add_argument(
         "--n-events",
@@ -75,20 +51,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     data.add_argument(
         "--repeat",
-        type=_non_negative_int,
+        type=non_negative_int,
         default=0,
         help="which subset of N for this seed: disjoint while the data allows, else bootstrapped",
     )
     data.add_argument(
-        "--val-fraction", type=_fraction, default=0.05, help="showers held out per class"
+        "--val-fraction", type=fraction, default=0.05, help="showers held out per class"
     )
     data.add_argument("--seed", type=int, default=0, help="data split, subsets, batches, init")
     opt = p.add_argument_group("optimisation (defaults from the preset)")
     size = opt.add_mutually_exclusive_group()
     size.add_argument("--batch-size", type=positive_int, help="showers per optimizer step")
     size.add_argument("--batch-tokens", type=positive_int, help="padded tokens per step and stream")
-    opt.add_argument("--lr", type=_positive_float, help="peak learning rate (AdamW)")
-    opt.add_argument("--warmup", type=_non_negative_int, metavar="STEPS")
+    opt.add_argument("--lr", type=positive_float, help="peak learning rate (AdamW)")
+    opt.add_argument("--warmup", type=non_negative_int, metavar="STEPS")
     opt.add_argument("--amp", action="store_true", help="bfloat16 autocast (default fp32)")
     opt.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     opt.add_argument("--resume", action="store_true", help="continue from MODEL_DIR/checkpoints")
