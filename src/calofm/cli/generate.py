@@ -10,7 +10,7 @@ import argparse
 import hashlib
 import json
 
-from calofm.cli._args import add_energy_options, energy_bounds, positive_int
+from calofm.cli._args import add_energy_options, energy_bounds, non_negative_int, positive_int
 
 HELP = "generate showers with a trained model (KV-cache decoding)"
 
@@ -22,16 +22,6 @@ def _temperature(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
     return value
 
 
@@ -69,7 +59,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--particle", required=True, help="particle, e.g. gamma or e-")
     p.add_argument("-n", type=positive_int, required=True, help="number of showers")
     add_energy_options(p)
-    p.add_argument("--seed", type=_seed, default=0, help="random seed >= 0 (default 0)")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="random seed >= 0 (default 0)")
     p.add_argument("--out", required=True, metavar="FILE", help="output showerdata HDF5 file")
     p.add_argument(
         "--batch-size", type=positive_int, default=64, help="showers decoded together (default 64)"
