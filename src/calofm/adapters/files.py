@@ -20,6 +20,7 @@ from calofm import __version__
 from calofm.adapters.attach import AttachedAdapter, attach, detach, registry
 from calofm.adapters.config import AdapterConfig
 from calofm.errors import CalofmError
+from calofm.files import read_manifest_file
 from calofm.model.io import load_model, weights_hash
 from calofm.model.transformer import CaloFM
 
@@ -89,25 +90,10 @@ def _cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def read_manifest(directory: str | os.PathLike[str]) -> dict:
-    directory = Path(directory)
-    path = directory / MANIFEST_FILE
-    if not path.is_file():
-        raise CalofmError(f"{directory}: not a calofm adapter (no {MANIFEST_FILE})")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise CalofmError(f"{path}: malformed JSON") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != "calofm-adapter":
-        raise CalofmError(f"{path}: not a calofm adapter manifest")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise CalofmError(
-            f"{path}: format version {manifest.get('format_version')!r}, this calofm reads "
-            f"{FORMAT_VERSION}"
-        )
-    keys = ("config", "base_weights_sha256", "stacked_on", "adapter_sha256")
-    missing = [k for k in keys if k not in manifest]
-    if missing:
-        raise CalofmError(f"{path}: manifest lacks {', '.join(missing)}")
+    required = ("config", "base_weights_sha256", "stacked_on", "adapter_sha256")
+    manifest = read_manifest_file(
+        Path(directory), MANIFEST_FILE, "calofm-adapter", FORMAT_VERSION, required, "adapter"
+    )
     AdapterConfig.from_dict(manifest["config"])
     return manifest
 

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from calofm import __version__
 from calofm.detector import DetectorConfig
 from calofm.errors import CalofmError
+from calofm.files import read_manifest_file
 from calofm.model.config import ModelConfig
 from calofm.model.transformer import CaloFM
 from calofm.tokens import TokenizerConfig
@@ -80,28 +81,10 @@ def read_manifest(directory: str | os.PathLike[str]) -> dict:
     directory = Path(directory)
     if not directory.is_dir():
         raise CalofmError(f"{directory}: no such model directory")
-    path = directory / MANIFEST_FILE
-    if not path.is_file():
-        raise CalofmError(f"{directory}: not a calofm model (no {MANIFEST_FILE})")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise CalofmError(f"{path}: malformed JSON") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != "calofm-model":
-        raise CalofmError(f"{path}: not a calofm model manifest")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise CalofmError(
-            f"{path}: format version {manifest.get('format_version')!r}, this calofm reads "
-            f"{FORMAT_VERSION}"
-        )
-    missing = [
-        k
-        for k in ("model", "tokenizer", "detector", "classes", "weights_sha256")
-        if k not in manifest
-    ]
-    if missing:
-        raise CalofmError(f"{path}: manifest lacks {', '.join(missing)}")
-    return manifest
+    required = ("model", "tokenizer", "detector", "classes", "weights_sha256")
+    return read_manifest_file(
+        directory, MANIFEST_FILE, "calofm-model", FORMAT_VERSION, required, "model"
+    )
 
 
 def build_from_manifest(manifest: dict) -> CaloFM:
