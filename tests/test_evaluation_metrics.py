@@ -108,3 +108,17 @@ def test_splits_depend_on_the_seed():
     _, other = make_splits(100, {"x": 100}, MetricConfig(n_splits=1, seed=1))
     np.testing.assert_array_equal(first[0].a, again[0].a)
     assert not np.array_equal(first[0].a, other[0].a)
+
+
+def test_candidates_with_the_same_showers_get_the_same_numbers():
+    """An adapter that leaves a class's showers untouched must not look different in the table."""
+    oc = ObservableConfig(energy_slices_gev=((10, 100),))
+    mc = MetricConfig(n_splits=2, classifier_max_iter=30)
+    reference = compute_observables(make_toy_showers(60, seed=1), oc)
+    sample = compute_observables(make_toy_showers(80, seed=2), oc)  # subsampled to 30 per split
+    observables = observable_list(oc)
+    edges = {o.name: reference_edges(o, reference, oc, mc) for o in observables}
+    result = compare_samples(
+        reference, {"base": sample, "after": sample}, observables, edges, mc, progress=False
+    )
+    assert result["candidates"]["base"] == result["candidates"]["after"]

@@ -88,6 +88,7 @@ def run_stage(
     n_events: int | None,
     val_fraction: float,
     repeat: int = 0,
+    data_seed: int | None = None,
     device: str | None = None,
     resume: bool = False,
     provenance: dict | None = None,
@@ -96,7 +97,9 @@ def run_stage(
 ) -> StageResult:
     """Attach ``config``'s adapter to ``model`` (on the CPU), train it on ``paths``, save it.
 
-    The new adapter is initialised from ``train_config.seed``; only its parameters train. The
+    The new adapter is initialised from ``train_config.seed``; the training subset is drawn with
+    ``data_seed`` (default: the same seed), so repeats can differ in seed yet keep disjoint
+    subsets. Only the adapter's parameters train. The
     adapter (best by validation loss) goes to ``out_dir`` with the training log; the checkpoint
     the trainer keeps for resuming is removed once the stage has finished.
     """
@@ -118,7 +121,7 @@ def run_stage(
             paths,
             n_events=n_events,
             val_fraction=val_fraction,
-            seed=train_config.seed,
+            seed=train_config.seed if data_seed is None else data_seed,
             repeat=repeat,
         )
     except Exception:
@@ -135,7 +138,12 @@ def run_stage(
         )
         for message in train_set.messages() + val_set.messages():
             print(message, flush=True)
-    prov = {**(provenance or {}), "data": data, "adapters_present": others}
+    prov = {
+        **(provenance or {}),
+        "data": data,
+        "train": train_config.to_dict(),
+        "adapters_present": others,
+    }
     result = train(
         model,
         train_set,

@@ -31,7 +31,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     f.add_argument("--init-from", metavar="MATERIAL|CLASS", help="start from this expert")
     f.add_argument("--data", action="append", required=True, metavar="PATH")
     f.add_argument("--test", required=True, metavar="PATH", help="test showers of the new class")
-    f.add_argument("--n-events", type=positive_int, nargs="+", required=True, metavar="N")
+    f.add_argument(
+        "--n-events",
+        "--sizes",
+        type=positive_int,
+        nargs="+",
+        required=True,
+        metavar="N",
+        help="training-set sizes",
+    )
     f.add_argument("--repeats", type=positive_int, default=1)
     f.add_argument(
         "--methods",
@@ -40,7 +48,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         choices=["expert", "expert+condition", "full"],
     )
     f.add_argument("--n-generate", type=positive_int, help="showers per run (default: the test's)")
-    f.add_argument("--forgetting", action="append", default=[], metavar="CLASS=PATH")
+    f.add_argument(
+        "--forgetting",
+        action="append",
+        default=[],
+        metavar="CLASS=PATH",
+        help="a class of the model (or of --adapter) and its test showers",
+    )
+    f.add_argument(
+        "--n-forgetting",
+        type=positive_int,
+        help="showers per --forgetting class (default: --n-generate)",
+    )
     f.add_argument("--out", required=True, metavar="DIR")
     add_budget_options(f)
     f.add_argument("--val-fraction", type=fraction, default=0.05)
@@ -56,12 +75,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_finetune(args: argparse.Namespace) -> int:
     from calofm.adapters.config import STAGE_DEFAULTS, class_of, init_class
+    from calofm.adapters.files import load_model_with_adapters
     from calofm.errors import CalofmError
-    from calofm.model.io import read_manifest
     from calofm.study.finetune import StudyConfig, run_finetune_study
     from calofm.training.config import TrainConfig
 
-    classes = list(read_manifest(args.model)["classes"])
+    classes = list(load_model_with_adapters(args.model, args.adapter).classes)
     forgetting = []
     for spec in args.forgetting:
         cls, sep, path = spec.partition("=")
@@ -77,6 +96,7 @@ def run_finetune(args: argparse.Namespace) -> int:
         methods=tuple(args.methods),
         init_from=init_class(classes, args.init_from, args.particle),
         n_generate=args.n_generate,
+        n_forgetting=args.n_forgetting,
         forgetting=tuple(forgetting),
         val_fraction=args.val_fraction,
         seed=args.seed,

@@ -171,6 +171,14 @@ def subset_indices(pool: np.ndarray, n: int, seed: int, repeat: int = 0) -> tupl
     return np.sort(pool[rng.integers(0, len(pool), size=n)]), True
 
 
+def too_few_message(n_train: int, n_total: int, n_pool: int, val_fraction: float) -> str:
+    return (
+        f"asked for {n_train} training showers, but the files hold {n_total} and "
+        f"{n_total - n_pool} of them are held out for validation (val fraction {val_fraction:g}): "
+        "ask for fewer or hold out fewer"
+    )
+
+
 @dataclass
 class Selection:
     """The training and validation showers of one class, and how they were chosen."""
@@ -193,6 +201,8 @@ def select_showers(
     train_pool, val_idx = split_indices(pool.n, val_fraction, seed)
     if n_train is None:
         train_idx, bootstrapped = train_pool, False
+    elif n_train > len(train_pool):
+        raise CalofmError(too_few_message(n_train, pool.n, len(train_pool), val_fraction))
     else:
         train_idx, bootstrapped = subset_indices(train_pool, n_train, seed, repeat)
     return Selection(

@@ -20,7 +20,6 @@ A with ``n`` showers drawn at random from the candidate, so every number, floor 
 
 from __future__ import annotations
 
-import zlib
 from dataclasses import dataclass, fields
 from typing import NamedTuple
 
@@ -230,12 +229,12 @@ def make_splits(
             f"evaluation: comparisons would use {n} showers a side; need at least {config.n_folds}"
             f" (reference {n_reference} showers, halves for the floor)"
         )
-    # One random stream for the reference and one per candidate name, so that the floor and each
-    # candidate's numbers do not change when other candidates are added to the comparison.
+    # One random stream for the reference and one per candidate, fixed by the candidate's size
+    # alone: the floor and each candidate's numbers do not change when other candidates are added,
+    # and two candidates with the same showers get the same numbers.
     rng = np.random.default_rng([config.seed, 0])
     cand_rngs = {
-        name: np.random.default_rng([config.seed, 1, zlib.crc32(name.encode())])
-        for name in n_candidates
+        name: np.random.default_rng([config.seed, 1, size]) for name, size in n_candidates.items()
     }
     splits = []
     for _ in range(config.n_splits):

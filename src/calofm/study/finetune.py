@@ -1,34 +1,39 @@
 """Fine-tuning study: a new class learnt from few showers, by expert adapter or full fine-tuning.
 
-For every method, training-set size N and repeat r, one run trains on subset r of size N (disjoint
-subsets while the pool allows, bootstrap resamples after), generates showers at the incident
-energies of the test file, and all runs are evaluated against it together. The summary holds, per
-method and N, the mean and spread over repeats of every metric. Forgetting: for the classes given
-in ``forgetting``, the base model's showers and each run's are compared with that class's test
-file; an adapter run must reproduce the base model's showers exactly, which the study checks.
-Every run has its own directory and is skipped when complete, so a stopped study continues.
+For every method, training-set size N and repeat r, one run trains with seed ``seed + r`` on
+subset r of size N (disjoint subsets while the pool allows, bootstrap resamples after), generates
+showers at the incident energies of the test file, and all runs are evaluated against it together.
+The summary holds, per method and N, the mean and spread over repeats of every metric;
+``figures/`` draws every observable as the mean of the repeats with a band (``study.figures``).
+Forgetting: for the classes given in ``forgetting``, the base model's showers and each run's are
+compared with that class's test file; an adapter run must reproduce the base model's showers
+exactly, which the study checks. Every run has its own directory and is skipped when complete,
+so a stopped study continues.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from calofm.adapters.config import AdapterConfig
 from calofm.adapters.files import load_model_with_adapters
 from calofm.adapters.stage import run_stage, stage_datasets
 from calofm.data.formats import read_showers, write_showers
 from calofm.data.showers import SparseShowers
+from calofm.data.subsets import ShowerPool, split_indices, too_few_message
 from calofm.errors import CalofmError
 from calofm.files import atomic_output
 from calofm.generation.engine import generate
 from calofm.model.io import load_model
 from calofm.model.transformer import CaloFM
+from calofm.study.figures import FIGURE_DIR, plot_study_observables
 from calofm.training.config import TrainConfig
 from calofm.training.trainer import CHECKPOINT_DIR, SUMMARY_FILE, train
 
@@ -47,6 +52,7 @@ class StudyConfig:
     methods: tuple[str, ...] = ("expert", "full")
     init_from: str | None = None
     n_generate: int | None = None  # None: one shower per test shower
+    n_forgetting: int | None = None  # showers per forgetting class (None: n_generate)
     forgetting: tuple[tuple[str, str], ...] = ()  # (class, its test file)
     val_fraction: float = 0.05
     seed: int = 0
@@ -82,16 +88,23 @@ def _incident(path: str, n: int | None) -> np.ndarray:
 
 
 def _generate_to(model: CaloFM, cls: str, incident: np.ndarray, config: StudyConfig, path: Path):
-    showers, _ = generate(
-        model,
-        cls,
-        incident,
-        seed=config.seed,
-        batch_size=config.generate_batch,
-        max_hits=config.max_hits,
-    )
+    with tqdm(total=len(incident), desc=f"generate {cls}", unit="shower", leave=False) as bar:
+        showers, _ = generate(
+            model,
+            cls,
+            incident,
+            seed=config.seed,
+            batch_size=config.generate_batch,
+            max_hits=config.max_hits,
+            progress=bar.update,
+        )
     write_showers(showers[cls], path)
     return showers[cls]
+
+
+def _complete(path: Path, n: int) -> bool:
+    """Whether ``path`` holds the ``n`` showers asked for (a changed count regenerates it)."""
+    return path.is_file() and len(read_showers(path)) == n
 
 
 def _same(a: SparseShowers, b: SparseShowers) -> bool:
@@ -111,7 +124,12 @@ def _train_run(
     run_dir: Path,
     device: str | None,
 ) -> CaloFM:
-    """Train one run (unless complete: resumed from its checkpoint, or redone) and return it."""
+    """Train one run (unless complete: resumed from its checkpoint, or redone) and return it.
+
+    Repeat r trains with seed ``seed + r``; its subset is drawn with the study's seed, so the
+    subsets of the repeats stay disjoint.
+    """
+    train_config = replace(train_config, seed=config.seed + r)
     done = (run_dir / SUMMARY_FILE).is_file()
     resume = not done and (run_dir / CHECKPOINT_DIR).is_dir()
     if not done and not resume and run_dir.exists():
@@ -128,7 +146,7 @@ def _train_run(
                 list(config.train_paths),
                 n_events=n,
                 val_fraction=config.val_fraction,
-                seed=train_config.seed,
+                seed=config.seed,
                 repeat=r,
             )
             train(
@@ -161,6 +179,7 @@ def _train_run(
             n_events=n,
             val_fraction=config.val_fraction,
             repeat=r,
+            data_seed=config.seed,
             device=device,
             resume=resume,
             provenance=provenance,
@@ -176,6 +195,10 @@ def run_finetune_study(
     device: str | None = None,
 ) -> dict:
     """Run every (method, N, repeat), evaluate them together; write and return the summary."""
+    pool = ShowerPool.open(list(config.train_paths)).n
+    n_pool = len(split_indices(pool, config.val_fraction, config.seed)[0])
+    if max(config.n_events) > n_pool:  # before any run, not after hours of them
+        raise CalofmError(too_few_message(max(config.n_events), pool, n_pool, config.val_fraction))
     out_dir = Path(out_dir)
     runs_dir = out_dir / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
@@ -185,13 +208,14 @@ def run_finetune_study(
     gen_device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     incident = _incident(config.test_path, config.n_generate)
     base_showers: dict[str, SparseShowers] = {}
-    forget_incident = {c: _incident(p, config.n_generate) for c, p in config.forgetting}
+    n_forget = config.n_forgetting or config.n_generate
+    forget_incident = {c: _incident(p, n_forget) for c, p in config.forgetting}
     if config.forgetting:
         base = load_model_with_adapters(model_dir, list(config.adapter_dirs), gen_device)
         for cls, _ in config.forgetting:
             path = out_dir / "forgetting" / f"base_{_file_stem(cls)}.h5"
             path.parent.mkdir(exist_ok=True)
-            if not path.is_file():
+            if not _complete(path, len(forget_incident[cls])):
                 _generate_to(base, cls, forget_incident[cls], config, path)
             base_showers[cls] = read_showers(path)
         del base
@@ -199,19 +223,20 @@ def run_finetune_study(
     candidates: dict[str, Path] = {}
     forgetting: dict[str, dict[str, Path]] = {c: {} for c, _ in config.forgetting}
     identical: dict[str, bool] = {}
-    for method, n, r in config.runs():
+    runs = tqdm(config.runs(), desc="study", unit="run")
+    for method, n, r in runs:
         name = run_name(method, n, r)
         run_dir = runs_dir / _file_stem(f"{method}_n{n}_r{r}")
-        print(f"study: {name}", flush=True)
+        runs.write(f"study: {name}")
         model = _train_run(model_dir, config, train_config, method, n, r, run_dir, device)
         model.to(gen_device)
         showers = run_dir / "showers.h5"
-        if not showers.is_file():
+        if not _complete(showers, len(incident)):
             _generate_to(model, config.class_name, incident, config, showers)
         candidates[name] = showers
         for cls, _ in config.forgetting:
             path = run_dir / f"forgetting_{_file_stem(cls)}.h5"
-            if not path.is_file():
+            if not _complete(path, len(forget_incident[cls])):
                 _generate_to(model, cls, forget_incident[cls], config, path)
             forgetting[cls][name] = path
             identical[f"{cls} / {name}"] = _same(read_showers(path), base_showers[cls])
@@ -243,6 +268,17 @@ def run_finetune_study(
         },
         "base_showers_identical": identical,
     }
+    groups: dict[str, list[Path]] = {}
+    for method, n, r in config.runs():
+        groups.setdefault(f"{method} n={n}", []).append(candidates[run_name(method, n, r)])
+    figures = plot_study_observables(
+        config.test_path,
+        groups,
+        metrics["settings"]["bin_edges"],
+        summary["groups"],
+        out_dir / FIGURE_DIR,
+    )
+    summary["figures"] = {k: f"{FIGURE_DIR}/{v}" for k, v in figures.items()}
     with atomic_output(out_dir / SUMMARY) as tmp:
         tmp.write_text(json.dumps(summary, indent=1))
     _plot(summary, out_dir / PLOT)
@@ -250,8 +286,10 @@ def run_finetune_study(
 
 
 def _evaluate(reference: str, candidates: dict[str, Path], out: Path, config: StudyConfig) -> dict:
-    """``calofm evaluate``'s metrics; reused when the same files were evaluated after they were
-    last written (a study run again after it finished)."""
+    """``calofm evaluate``'s metrics, with every shower of the reference: its halves give the
+    floor, and while they are at least as large as a run's sample, every run is compared with all
+    of its showers (so identical showers get identical numbers). Reused when the same files were
+    evaluated after they were last written (a study run again after it finished)."""
     from calofm.evaluation.metrics import MetricConfig
     from calofm.evaluation.report import METRICS_FILE, evaluate
 
@@ -265,13 +303,11 @@ def _evaluate(reference: str, candidates: dict[str, Path], out: Path, config: St
         if (
             settings.get("files") == files
             and settings.get("metric_config") == json.loads(json.dumps(metric_config.to_dict()))
-            and settings.get("max_showers") == config.n_generate
+            and settings.get("max_showers") is None
             and done.stat().st_mtime > newest
         ):
             return old
-    return evaluate(
-        reference, candidates, out, metric_config=metric_config, max_showers=config.n_generate
-    )
+    return evaluate(reference, candidates, out, metric_config=metric_config)
 
 
 def _scores(entry: dict) -> dict[str, float]:
