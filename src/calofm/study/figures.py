@@ -34,11 +34,13 @@ def plot_study_observables(
     bin_edges: dict[str, list[float]],
     summary_groups: dict[str, dict],
     out_dir: Path,
+    full_data: set[str] = frozenset(),
 ) -> dict[str, str]:
     """One PNG per observable in ``out_dir``; returns observable name -> file name.
 
     ``groups`` maps 'method n=N' to its repeats' shower files; ``bin_edges`` are the evaluation's
-    (from the test file), so the figures and the metrics bin alike.
+    (from the test file), so the figures and the metrics bin alike; groups in ``full_data``
+    trained on every training shower and are labelled so.
     """
     config = ObservableConfig()
     reference = read_observables(test_path, config, progress=False)
@@ -51,11 +53,15 @@ def plot_study_observables(
     for obs in observable_list(config):
         edges = np.asarray(bin_edges[obs.name])
         bands = {
-            _label(name, len(runs)): repeat_band([histogram(obs, s, edges) for s in runs])
+            _label(name, len(runs), name in full_data): repeat_band(
+                [histogram(obs, s, edges) for s in runs]
+            )
             for name, runs in samples.items()
         }
         legend = {
-            _label(name, len(runs)): _w1_text(summary_groups.get(name, {}).get(obs.name))
+            _label(name, len(runs), name in full_data): _w1_text(
+                summary_groups.get(name, {}).get(obs.name)
+            )
             for name, runs in samples.items()
         }
         files[obs.name] = f"{obs.name}.png"
@@ -72,8 +78,9 @@ def plot_study_observables(
     return files
 
 
-def _label(name: str, repeats: int) -> str:
-    return f"{name}, mean of {repeats}" if repeats > 1 else name
+def _label(name: str, repeats: int, full_data: bool) -> str:
+    label = f"{name} (all training showers)" if full_data else name
+    return f"{label}, mean of {repeats}" if repeats > 1 else label
 
 
 def _w1_text(score: dict | None) -> str:

@@ -277,6 +277,7 @@ def run_finetune_study(
         metrics["settings"]["bin_edges"],
         summary["groups"],
         out_dir / FIGURE_DIR,
+        full_data={f"{m} n={n_pool}" for m in config.methods},
     )
     summary["figures"] = {k: f"{FIGURE_DIR}/{v}" for k, v in figures.items()}
     with atomic_output(out_dir / SUMMARY) as tmp:
