@@ -79,10 +79,8 @@ def test_repeats_of_a_study_train_with_different_seeds_on_disjoint_subsets(tmp_p
     for r in range(2):
         _train_run(base, config, train_config, "expert", 6, r, tmp_path / f"r{r}", "cpu")
         manifests.append(json.loads((tmp_path / f"r{r}" / "adapter.json").read_text()))
-    assert [m["provenance"]["train"]["seed"] for m in manifests] == [
-        3,
-        4,
-    ]  # initialisation, shuffling
+    seeds = [m["provenance"]["train"]["seed"] for m in manifests]
+    assert seeds == [3, 4]  # initialisation, shuffling
     data = [m["provenance"]["data"] for m in manifests]
     assert [d["seed"] for d in data] == [3, 3]  # one permutation of the pool ...
     assert [d["repeat"] for d in data] == [0, 1]  # ... cut into disjoint subsets

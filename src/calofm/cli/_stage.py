@@ -1,4 +1,4 @@
-"""What ``calofm extend`` and ``calofm adapt-particle`` share: their options and their run."""
+"""What ``calofm extend`` and ``calofm adapt-particle`` share (and ``study finetune`` its training config)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import signal
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 from calofm.cli._args import (
     add_budget_options,
@@ -15,6 +16,9 @@ from calofm.cli._args import (
     positive_float,
     positive_int,
 )
+
+if TYPE_CHECKING:
+    from calofm.training.config import TrainConfig
 
 
 def add_stage_options(p: argparse.ArgumentParser) -> None:
@@ -77,25 +81,33 @@ def _stop_on_signal() -> Iterator[Callable[[int], bool]]:
             signal.signal(s, handler)
 
 
-def run_stage_command(args: argparse.Namespace, stage: str, make_config) -> int:
-    """Load the model and adapters, build the new adapter's config, train it, report."""
-    from calofm.adapters.config import STAGE_DEFAULTS
-    from calofm.adapters.files import load_model_with_adapters
-    from calofm.adapters.stage import run_stage
-    from calofm.training import distributed
+def stage_train_config(
+    args: argparse.Namespace, *, warmup: int | None = None, amp: bool = False
+) -> TrainConfig:
+    """The TrainConfig of a stage (or a study's runs): budget flags, stage defaults elsewhere."""
+    from calofm.adapters.config import STAGE_DEFAULTS as d
     from calofm.training.config import TrainConfig
 
-    d = STAGE_DEFAULTS
-    train_config = TrainConfig(
+    return TrainConfig(
         epochs=args.epochs,
         max_steps=args.max_steps,
         time_limit_min=args.time_limit,
         batch_size=args.batch_size or d.batch_size,
         lr=args.lr or d.lr,
-        warmup_steps=d.warmup_steps if args.warmup is None else args.warmup,
+        warmup_steps=d.warmup_steps if warmup is None else warmup,
         seed=args.seed,
-        amp=args.amp,
+        amp=amp,
     )
+
+
+def run_stage_command(args: argparse.Namespace, stage: str, make_config) -> int:
+    """Load the model and adapters, build the new adapter's config, train it, report."""
+    from calofm.adapters.config import STAGE_DEFAULTS as d
+    from calofm.adapters.files import load_model_with_adapters
+    from calofm.adapters.stage import run_stage
+    from calofm.training import distributed
+
+    train_config = stage_train_config(args, warmup=args.warmup, amp=args.amp)
     env = distributed.setup(args.device)  # joins the process group under torchrun
     try:
         with _stop_on_signal() as should_stop:

@@ -74,11 +74,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_finetune(args: argparse.Namespace) -> int:
-    from calofm.adapters.config import STAGE_DEFAULTS, class_of, init_class
+    from calofm.adapters.config import class_of, init_class
     from calofm.adapters.files import load_model_with_adapters
+    from calofm.cli._stage import stage_train_config
     from calofm.errors import CalofmError
     from calofm.study.finetune import StudyConfig, run_finetune_study
-    from calofm.training.config import TrainConfig
 
     classes = list(load_model_with_adapters(args.model, args.adapter).classes)
     forgetting = []
@@ -105,16 +105,7 @@ def run_finetune(args: argparse.Namespace) -> int:
         eval_splits=args.splits,
         adapter_dirs=tuple(args.adapter),
     )
-    d = STAGE_DEFAULTS
-    train_config = TrainConfig(
-        epochs=args.epochs,
-        max_steps=args.max_steps,
-        time_limit_min=args.time_limit,
-        batch_size=args.batch_size or d.batch_size,
-        lr=args.lr or d.lr,
-        warmup_steps=d.warmup_steps,
-        seed=args.seed,
-    )
+    train_config = stage_train_config(args)
     summary = run_finetune_study(args.model, config, train_config, args.out, args.device)
     keys = ["energy_sum", "n_hits", "cog_z", "classifier_auc"]
     keys = [k for k in keys if k in summary["floor"]]

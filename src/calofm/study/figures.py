@@ -8,6 +8,7 @@ with the most training showers is the full-data result.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +35,7 @@ def plot_study_observables(
     bin_edges: dict[str, list[float]],
     summary_groups: dict[str, dict],
     out_dir: Path,
-    full_data: set[str] = frozenset(),
+    full_data: Collection[str] = (),
 ) -> dict[str, str]:
     """One PNG per observable in ``out_dir``; returns observable name -> file name.
 
@@ -48,21 +49,17 @@ def plot_study_observables(
         name: [read_observables(p, config, progress=False) for p in paths]
         for name, paths in groups.items()
     }
+    labels = {name: _label(name, len(runs), name in full_data) for name, runs in samples.items()}
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {}
     for obs in observable_list(config):
         edges = np.asarray(bin_edges[obs.name])
         bands = {
-            _label(name, len(runs), name in full_data): repeat_band(
-                [histogram(obs, s, edges) for s in runs]
-            )
+            labels[name]: repeat_band([histogram(obs, s, edges) for s in runs])
             for name, runs in samples.items()
         }
         legend = {
-            _label(name, len(runs), name in full_data): _w1_text(
-                summary_groups.get(name, {}).get(obs.name)
-            )
-            for name, runs in samples.items()
+            labels[name]: _w1_text(summary_groups.get(name, {}).get(obs.name)) for name in samples
         }
         files[obs.name] = f"{obs.name}.png"
         with atomic_output(out_dir / files[obs.name]) as tmp:

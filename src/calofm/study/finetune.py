@@ -25,7 +25,7 @@ from tqdm import tqdm
 from calofm.adapters.config import AdapterConfig
 from calofm.adapters.files import load_model_with_adapters
 from calofm.adapters.stage import run_stage, stage_datasets
-from calofm.data.formats import read_showers, write_showers
+from calofm.data.formats import file_info, read_showers, write_showers
 from calofm.data.showers import SparseShowers
 from calofm.data.subsets import ShowerPool, split_indices, too_few_message
 from calofm.errors import CalofmError
@@ -104,7 +104,7 @@ def _generate_to(model: CaloFM, cls: str, incident: np.ndarray, config: StudyCon
 
 def _complete(path: Path, n: int) -> bool:
     """Whether ``path`` holds the ``n`` showers asked for (a changed count regenerates it)."""
-    return path.is_file() and len(read_showers(path)) == n
+    return path.is_file() and file_info(path).n == n
 
 
 def _same(a: SparseShowers, b: SparseShowers) -> bool:
