@@ -125,12 +125,18 @@ def test_showers_reaching_max_hits_are_kept_and_counted():
 
 
 def test_duplicate_voxels_are_merged_with_summed_energy():
-    model = biased_model({"eos": -50.0, 77: 60.0}, {"eos": -50.0})
+    # Every hit lands in voxel 77 with an energy inside bin 30: a merged voxel holds ten hits'
+    # energies, so its energy lies between ten times the bin's lower and upper edges (keeping
+    # one hit, or summing nine, gives less than ten times the lower edge).
+    model = biased_model({"eos": -50.0, 77: 60.0}, {"eos": -50.0, 30: 60.0})
     out, stats = generate(model, "G4_W:gamma", np.full(2, 50.0), seed=0, max_hits=10)
     showers = out["G4_W:gamma"]
     assert showers.n_hits.tolist() == [1, 1] and set(showers.voxels.tolist()) == {77}
     assert stats["n_duplicates"] == 18 and stats["duplicate_rate"] == pytest.approx(0.9)
-    assert np.all(showers.energies > 10 * model.tokenizer.threshold_mev)
+    edges = Tokenizer(model.tokenizer).edges
+    lo, hi = edges[30], edges[31]
+    assert 9 * hi < 10 * lo  # the window tells ten hits from nine
+    assert np.all((showers.energies >= 10 * lo - 1e-3) & (showers.energies <= 10 * hi + 1e-3))
 
 
 def test_same_seed_same_showers_whatever_the_batch_size_or_split():

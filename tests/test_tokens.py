@@ -88,6 +88,22 @@ def test_decode_merges_duplicate_voxels_and_reports_them():
     )
     assert n_dup == 1
     assert sorted(showers.voxels.tolist()) == [5, 7]
+    # The same tokens with the third hit in a voxel of its own, drawn from the same stream:
+    # the merged voxel holds exactly the sum of its two hits' energies.
+    apart, n_apart = tok.decode(
+        [np.array([5, 7, 6])],
+        [np.array([90, 50, 10])],
+        np.array([20.0]),
+        DetectorConfig(),
+        "gamma",
+        np.random.default_rng(0),
+    )
+    assert n_apart == 0
+    single = dict(zip(apart.voxels.tolist(), apart.energies.tolist(), strict=True))
+    merged = dict(zip(showers.voxels.tolist(), showers.energies.tolist(), strict=True))
+    assert merged[7] == pytest.approx(single[7], rel=1e-6)
+    assert merged[5] == pytest.approx(single[5] + single[6], rel=1e-6)
+    assert merged[5] > max(single[5], single[6]) + 1e-3
 
 
 def test_decode_rejects_special_tokens_as_hits():
