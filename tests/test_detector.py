@@ -28,10 +28,16 @@ def test_cell_centres_are_symmetric_about_the_beam_axis():
     assert x[14] == -2.5 and x[15] == 2.5 and np.isclose(x.sum(), 0)
 
 
-def test_tungsten_stack_is_about_24_radiation_lengths_deep():
+def test_tungsten_stack_is_24_radiation_lengths_deep():
+    # 20 x 2.1 mm + 10 x 4.2 mm of tungsten (X0 = 3.504 mm) is 23.97 X0, the 30 silicon planes
+    # of 0.5 mm (X0 = 93.66 mm) another 0.16 X0; depths are those of each plane's front face.
     depth = DetectorConfig().layer_depth_x0()
-    assert 23 < depth[-1] + 4.2 / 3.504 < 25.5
-    assert np.all(np.diff(depth) > 0)
+    thin, thick, si = 2.1 / 3.504, 4.2 / 3.504, 0.5 / 93.66
+    assert depth[0] == pytest.approx(thin, abs=1e-3)  # behind the first absorber plate
+    np.testing.assert_allclose(np.diff(depth[:20]), thin + si, atol=1e-6)
+    np.testing.assert_allclose(np.diff(depth[19:]), thick + si, atol=1e-6)
+    assert depth[-1] == pytest.approx(24.127, abs=0.005)
+    assert depth[-1] + si == pytest.approx(24.133, abs=0.005)  # the whole stack
 
 
 def test_impossible_geometry_is_rejected():
