@@ -52,10 +52,15 @@ def test_writer_resumes_from_partial_file_of_the_same_run(toy_showers, tmp_path)
     assert np.array_equal(read_showers(out).voxels, toy_showers.voxels)
 
 
-def test_writer_discards_partial_file_of_a_different_run(toy_showers, tmp_path):
+def test_writer_refuses_partial_file_of_a_different_run_unless_told_to_replace_it(
+    toy_showers, tmp_path
+):
     out = tmp_path / "r.h5"
     ShowerWriter(out, 20, {}, signature="one").append(toy_showers.select(slice(0, 10)))
-    assert ShowerWriter(out, 20, {}, signature="two").n_written == 0
+    with pytest.raises(CalofmError, match="other arguments"):
+        ShowerWriter(out, 20, {}, signature="two")
+    assert ShowerWriter(out, 20, {}, signature="one").n_written == 10
+    assert ShowerWriter(out, 20, {}, signature="two", replace_partial=True).n_written == 0
 
 
 def test_nan_and_negative_energies_are_rejected(tmp_path):
@@ -152,3 +157,33 @@ def test_reference_data_reads_as_getting_high(shared_data):
     assert info.detector.material == "G4_W" and info.particle == "gamma"
     s = read_showers(shared_data / "W_gamma_test.h5", 0, 5)
     assert len(s) == 5 and s.energies.min() > 0
+
+
+@pytest.mark.parametrize("as_bytes", [False, True])
+def test_public_getting_high_file_takes_material_and_particle_from_its_attributes(
+    tmp_path, as_bytes
+):
+    """A file of the public layout (group 30x30, energy in GeV, layers in MeV) without calofm's
+    own attribute: the class comes from the top-level 'material' and 'particle' attributes."""
+    rng = np.random.default_rng(0)
+    layers = np.zeros((3, 30, 30, 30), np.float32)
+    for i in range(3):
+        cells = rng.integers(0, 30, size=(20, 3))
+        layers[i, cells[:, 0], cells[:, 1], cells[:, 2]] = rng.uniform(0.2, 5.0, 20)
+    incident = np.array([[12.0], [50.0], [90.0]], np.float32)
+    path = tmp_path / "Ta_e-_public.h5"
+    with h5py.File(path, "w") as f:
+        group = f.create_group("30x30")
+        group.create_dataset("energy", data=incident)
+        group.create_dataset("layers", data=layers)
+        for key, value in (("material", "G4_Ta"), ("particle", "e-"), ("seed", 7)):
+            f.attrs[key] = np.bytes_(value) if as_bytes and isinstance(value, str) else value
+    info = file_info(path)
+    assert info.format == "getting_high" and info.n == 3
+    assert info.detector.material == "G4_Ta" and info.particle == "e-"
+    assert info.detector.shape == (30, 30, 30)
+    showers = read_showers(path)
+    assert showers.detector.material == "G4_Ta" and showers.particle == "e-"
+    np.testing.assert_array_equal(showers.incident, incident[:, 0])
+    np.testing.assert_allclose(showers.to_dense(), layers)
+    assert read_showers(path, 1, 2).incident.tolist() == [50.0]

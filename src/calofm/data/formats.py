@@ -74,7 +74,10 @@ def _header(f: h5py.File, path: Path) -> ShowerFileInfo:
     for key in ("material", "particle", "seed", "simulator", "geometry"):
         if key not in meta and key in f.attrs:
             value = f.attrs[key]
-            meta[key] = value.item() if hasattr(value, "item") else _attr_str(f.attrs, key)
+            if isinstance(value, (bytes, str)):  # np.bytes_ too: fixed-length strings of h5py
+                meta[key] = _attr_str(f.attrs, key)
+            else:
+                meta[key] = value.item() if hasattr(value, "item") else value
     material = material_long(str(meta.get("material", "G4_W")))
     detector = (
         DetectorConfig.from_dict(meta["detector"])
