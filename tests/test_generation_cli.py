@@ -55,11 +55,11 @@ def test_same_command_same_showers_and_an_interrupted_run_resumes(model_dir, tmp
     calls = []
     append = ShowerWriter.append
 
-    def interrupted(self, showers):
+    def interrupted(self, showers, **metadata):
         calls.append(len(showers))
         if len(calls) == 2:
             raise KeyboardInterrupt
-        append(self, showers)
+        append(self, showers, **metadata)
 
     monkeypatch.setattr(ShowerWriter, "append", interrupted)
     assert main(command(model_dir, tmp_path / "b.h5")) == 130

@@ -1,10 +1,15 @@
-"""Outputs appear under their final name only when complete: write to a temporary name, then rename."""
+"""Outputs appear under their final name only when complete: write to a temporary name, then rename.
+
+Every command checks its output paths here before it creates anything, so a refused command leaves
+the file system as it found it, and a complete output is replaced only when the user says so.
+"""
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+import shutil
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -29,6 +34,52 @@ def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def check_parent(path: str | os.PathLike[str], option: str = "--out") -> Path:
+    """Refuse a path whose nearest existing ancestor is a file or cannot be written in; a path
+    problem found here is one error line instead of an OSError half-way through a run."""
+    path = Path(path)
+    for parent in path.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise CalofmError(f"{option} {path}: {parent} is a file, not a directory")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise CalofmError(f"{option} {path}: cannot write in {parent} (permission denied)")
+            break
+    return path
+
+
+def check_output_file(path: str | os.PathLike[str], overwrite: bool, option: str = "--out") -> Path:
+    """Check an output file before anything is created: writable, not a directory, and not a
+    complete output unless ``overwrite`` (the old file then stays until the new one is complete)."""
+    path = check_parent(path, option)
+    if path.is_dir():
+        raise CalofmError(f"{option} {path}: is a directory; {option} needs a file name")
+    if path.exists() and not overwrite:
+        raise CalofmError(
+            f"{path} exists (a complete output); add --overwrite to replace it, or choose "
+            f"another {option}"
+        )
+    return path
+
+
+def check_output_dir(path: str | os.PathLike[str], option: str = "--out") -> Path:
+    """Check an output directory before anything is created: writable and not a file."""
+    path = check_parent(path, option)
+    if path.exists() and not path.is_dir():
+        raise CalofmError(f"{option} {path}: is a file; {option} needs a directory")
+    return path
+
+
+def remove_outputs(directory: Path, names: Iterable[str]) -> None:
+    """Remove the named files or folders of an earlier run in ``directory`` (and nothing else)."""
+    for name in names:
+        target = directory / name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        elif target.exists() or target.is_symlink():
+            target.unlink()
 
 
 def read_manifest_file(

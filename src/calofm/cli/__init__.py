@@ -10,7 +10,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import pkgutil
+import signal
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import NoReturn
 
 from calofm import __version__
@@ -22,6 +26,29 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a batch system stopping a job), raised where Ctrl-C would be, so that every long
+    command stops the same way and keeps what it finished."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated
+
+
+@contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """While a command runs, SIGTERM interrupts it like SIGINT (commands that checkpoint install
+    their own handler for both)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,16 +71,19 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # --help, --version or a usage error: return its exit code
         return int(exc.code or 0)
     try:
-        return int(args.func(args) or 0)
+        with _sigterm_interrupts():
+            return int(args.func(args) or 0)
     except CalofmError as exc:
         print(f"calofm {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        terminated = isinstance(exc, Terminated)
         print(
-            f"calofm {args.command}: interrupted; run the same command again to resume",
+            f"calofm {args.command}: interrupted{' (SIGTERM)' if terminated else ''}; finished "
+            "work is kept: run the same command again to resume",
             file=sys.stderr,
         )
-        return 130
+        return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
 
 
 if __name__ == "__main__":

@@ -50,7 +50,9 @@ def add_stage_options(p: argparse.ArgumentParser) -> None:
     data.add_argument(
         "--val-fraction", type=fraction, help="showers held out for validation (default 0.05)"
     )
-    data.add_argument("--seed", type=int, default=0, help="data split, subset, batches, init")
+    data.add_argument(
+        "--seed", type=non_negative_int, default=0, help="data split, subset, batches, init"
+    )
     opt = p.add_argument_group("optimisation")
     opt.add_argument("--batch-size", type=positive_int, help="showers per step (default 32)")
     opt.add_argument("--lr", type=positive_float, help="peak learning rate (default 1e-3)")
@@ -58,6 +60,9 @@ def add_stage_options(p: argparse.ArgumentParser) -> None:
     opt.add_argument("--amp", action="store_true", help="bfloat16 autocast (default fp32)")
     opt.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     opt.add_argument("--resume", action="store_true", help="continue from ADAPTER_DIR/checkpoints")
+    opt.add_argument(
+        "--overwrite", action="store_true", help="replace an adapter or training run in ADAPTER_DIR"
+    )
 
 
 @contextmanager
@@ -103,11 +108,20 @@ def stage_train_config(
 def run_stage_command(args: argparse.Namespace, stage: str, make_config) -> int:
     """Load the model and adapters, build the new adapter's config, train it, report."""
     from calofm.adapters.config import STAGE_DEFAULTS as d
-    from calofm.adapters.files import load_model_with_adapters
+    from calofm.adapters.files import MANIFEST_FILE, TENSORS_FILE, load_model_with_adapters
     from calofm.adapters.stage import run_stage
+    from calofm.cli._rundir import plan_run_dir
+    from calofm.data.subsets import ShowerPool, expand_paths
     from calofm.training import distributed
 
     train_config = stage_train_config(args, warmup=args.warmup, amp=args.amp)
+    out_plan = plan_run_dir(
+        args.out,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        products=(TENSORS_FILE, MANIFEST_FILE),
+        what="adapter",
+    )
     env = distributed.setup(args.device)  # joins the process group under torchrun
     try:
         with _stop_on_signal() as should_stop:
@@ -119,6 +133,8 @@ def run_stage_command(args: argparse.Namespace, stage: str, make_config) -> int:
                 "base_model": str(args.model),
                 "seed": args.seed,
             }
+            ShowerPool.open(expand_paths(args.data))  # refused before an old run is removed
+            resume = out_plan.apply()
             result = run_stage(
                 model,
                 config,
@@ -129,7 +145,7 @@ def run_stage_command(args: argparse.Namespace, stage: str, make_config) -> int:
                 val_fraction=d.val_fraction if args.val_fraction is None else args.val_fraction,
                 repeat=args.repeat,
                 device=args.device,
-                resume=args.resume,
+                resume=resume,
                 provenance=provenance,
                 should_stop=should_stop,
             )

@@ -40,12 +40,28 @@ def _found(model_dir: Path) -> list[Path]:
     )
 
 
+def _tensors_ok(directory: Path, manifest: dict) -> bool:
+    """Whether an adapter's tensor file reads and matches its manifest's hash."""
+    from safetensors.torch import load_file
+
+    from calofm.adapters.files import TENSORS_FILE
+    from calofm.model.io import weights_hash
+
+    try:
+        tensors = load_file(str(directory / TENSORS_FILE))
+    except Exception:  # safetensors raises its own error types for corrupt files
+        return False
+    return weights_hash(tensors) == manifest["adapter_sha256"]
+
+
 def run_list(args: argparse.Namespace) -> int:
     from calofm.adapters.files import read_manifest
+    from calofm.model.io import load_model
     from calofm.model.io import read_manifest as read_model_manifest
 
     model_dir = Path(args.model)
     base = read_model_manifest(model_dir)
+    load_model(model_dir)  # a truncated or altered weights file is an error, not a listing
     dirs = list(dict.fromkeys(Path(d).resolve() for d in [*args.adapter, *_found(model_dir)]))
     manifests = {d: read_manifest(d) for d in dirs}
     hashes = {m["adapter_sha256"]: m["name"] for m in manifests.values()}
@@ -66,12 +82,15 @@ def run_list(args: argparse.Namespace) -> int:
                 "base_ok": m["base_weights_sha256"] == base["weights_sha256"],
                 "stacked_on": [e["name"] for e in deps],
                 "missing": [e["name"] for e in deps if e["sha256"] not in hashes],
+                "tensors_ok": _tensors_ok(d, m),
                 "n_train": data.get("n_train"),
                 "sha256": m["adapter_sha256"],
             }
         )
     classes = list(base["classes"]) + [
-        r["class"] for r in rows if r["class"] and r["base_ok"] and not r["missing"]
+        r["class"]
+        for r in rows
+        if r["class"] and r["base_ok"] and not r["missing"] and r["tensors_ok"]
     ]
     if args.json:
         print(
@@ -97,6 +116,8 @@ def run_list(args: argparse.Namespace) -> int:
         status = "ok" if r["base_ok"] else "OTHER BASE MODEL (refused on load)"
         if r["missing"]:
             status += f"; needs {', '.join(r['missing'])} (not listed)"
+        if not r["tensors_ok"]:
+            status += "; TENSORS UNREADABLE OR ALTERED (refused on load)"
         print(
             f"  {r['name']:<16} {r['kind']:<16} {r['parameters'] or 0:>12,} params  {lora:<20} "
             f"{status}"

@@ -29,15 +29,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     m.add_argument("--quick", action="store_true", help="fewer sizes and repeats (< 1 minute)")
     m.add_argument("--threads", type=positive_int, help="torch threads (default: torch's choice)")
     m.add_argument("--out", metavar="FILE", help="also write the JSON result to FILE")
+    m.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     m.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from calofm.files import atomic_output
+    from calofm.files import atomic_output, check_output_file
     from calofm.generation.benchmark import BenchSettings, format_table, run_benchmark
 
+    if args.out:
+        check_output_file(args.out, args.overwrite)  # before minutes of measuring, not after
     if args.threads:
         torch.set_num_threads(args.threads)
     settings = BenchSettings.quick() if args.quick else BenchSettings()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from calofm.cli._args import positive_int
@@ -65,7 +66,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=MetricConfig.seed,
         help="seed of the splits (default: %(default)s)",
     )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing report in --out")
     p.set_defaults(func=run)
+
+
+def _class_warnings(reference: Path, candidates: dict[str, Path]) -> list[str]:
+    """A sentence for each candidate whose material or particle differs from the reference's:
+    the comparison is still made (it can be the point), but never silently."""
+    from calofm.data.formats import file_info
+
+    ref = file_info(reference)
+    lines = []
+    for path in candidates.values():
+        info = file_info(path)
+        if (info.detector.material, info.particle) != (ref.detector.material, ref.particle):
+            lines.append(
+                f"calofm evaluate: warning: {path} holds {info.detector.material} "
+                f"{info.particle} showers, the reference {reference} holds "
+                f"{ref.detector.material} {ref.particle} ones; the metrics compare different "
+                "materials or particles"
+            )
+    return lines
 
 
 def run(args: argparse.Namespace) -> int:
@@ -80,9 +101,19 @@ def run(args: argparse.Namespace) -> int:
         raise CalofmError(
             f"candidate names must differ ({', '.join(names)}); set them with --names"
         )
+    from calofm.files import check_output_dir
+
+    candidates = dict(zip(names, args.candidates, strict=True))
+    out = check_output_dir(args.out)
+    if (out / REPORT_FILE).exists() and not args.overwrite:
+        raise CalofmError(
+            f"{out} holds a complete report; add --overwrite to replace it, or choose another --out"
+        )
+    for line in _class_warnings(args.reference, candidates):
+        print(line, file=sys.stderr)
     metrics = evaluate(
         args.reference,
-        dict(zip(names, args.candidates, strict=True)),
+        candidates,
         args.out,
         observable_config=ObservableConfig(energy_slices_gev=tuple(args.slices)),
         metric_config=MetricConfig(n_splits=args.splits, seed=args.seed),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import sys
 
 from calofm.cli._args import add_energy_options, energy_bounds, non_negative_int, positive_int
 
@@ -61,6 +62,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_energy_options(p)
     p.add_argument("--seed", type=non_negative_int, default=0, help="random seed >= 0 (default 0)")
     p.add_argument("--out", required=True, metavar="FILE", help="output showerdata HDF5 file")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing output (and discard a partial one of other arguments)",
+    )
     p.add_argument(
         "--batch-size", type=positive_int, default=64, help="showers decoded together (default 64)"
     )
@@ -125,8 +131,7 @@ def run(args: argparse.Namespace) -> int:
     from calofm.adapters import describe
     from calofm.data.formats import ShowerWriter, file_metadata
     from calofm.data.showers import SparseShowers
-    from calofm.errors import CalofmError
-    from calofm.files import partial_path
+    from calofm.files import check_output_file, partial_path
     from calofm.generation.engine import INCIDENT, generate, seeded_rng
     from calofm.generation.sampler import SamplingConfig
     from calofm.model.config import class_name
@@ -134,8 +139,7 @@ def run(args: argparse.Namespace) -> int:
 
     lo, hi = energy_bounds(args)
     pdg_code(args.particle)
-    if Path(args.out).exists():
-        raise CalofmError(f"{args.out} exists; remove it or choose another --out")
+    check_output_file(args.out, args.overwrite)
     sampling = SamplingConfig(
         args.temperature,
         tuple(args.dynamic_temperature) if args.dynamic_temperature else None,
@@ -149,9 +153,12 @@ def run(args: argparse.Namespace) -> int:
     tok = model.tokenizer
     max_hits = args.max_hits or tok.max_hits
     if lo < tok.incident_min_gev or hi > tok.incident_max_gev:
+        asked = f"{lo:g} GeV" if lo == hi else f"{lo:g} to {hi:g} GeV"
         print(
-            f"calofm generate: warning: {lo:g}-{hi:g} GeV extends beyond the model's "
-            f"{tok.incident_min_gev:g}-{tok.incident_max_gev:g} GeV (extrapolation)"
+            f"calofm generate: warning: the model was trained on {tok.incident_min_gev:g} to "
+            f"{tok.incident_max_gev:g} GeV; showers at {asked} are an extrapolation, check them "
+            "against Geant4 before use",
+            file=sys.stderr,
         )
     incident = seeded_rng(args.seed, INCIDENT).uniform(lo, hi, args.n).astype(np.float32)
 
@@ -177,7 +184,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         generator={**generator, "model": str(Path(args.model).resolve())},
     )
-    writer = ShowerWriter(args.out, args.n, meta, signature)
+    writer = ShowerWriter(args.out, args.n, meta, signature, replace_partial=args.overwrite)
     start = writer.n_written
     if start:
         print(f"calofm generate: resuming {partial_path(args.out)} at shower {start} of {args.n}")
@@ -203,11 +210,10 @@ def run(args: argparse.Namespace) -> int:
                 first_row=first,
                 progress=bar.update,
             )
-            writer.append(showers[cls])
             for key in totals:
                 totals[key] += stats[key]
             seconds += stats["seconds"]
-            writer.update_metadata(generation_stats=totals)
+            writer.append(showers[cls], generation_stats=totals)
     path = writer.finish()
 
     rate = totals["n_duplicates"] / max(totals["n_hits"], 1)
@@ -218,7 +224,10 @@ def run(args: argparse.Namespace) -> int:
     )
     if totals["n_truncated"]:
         print(
-            f"calofm generate: warning: {totals['n_truncated']} showers reached --max-hits "
-            f"{max_hits} without end-of-sequence; they keep their first {max_hits} hits"
+            f"calofm generate: warning: {totals['n_truncated']} of {args.n} showers reached the "
+            f"limit of {max_hits} hits without the model ending them, and were cut there. The model "
+            "rarely emits end-of-sequence (untrained or badly trained?): those showers have too "
+            "few hits and too little energy; train longer or raise --max-hits",
+            file=sys.stderr,
         )
     return 0

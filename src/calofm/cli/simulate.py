@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from calofm.cli._args import add_energy_options, energy_bounds, positive_int
+from calofm.cli._args import add_energy_options, energy_bounds, non_negative_int, positive_int
 from calofm.detector import DetectorConfig, material_long
 from calofm.errors import CalofmError
 
@@ -28,7 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--particle", default="gamma", help="Geant4 particle name (default: gamma)")
     p.add_argument("-n", type=positive_int, required=True, help="number of showers")
     add_energy_options(p)
-    p.add_argument("--seed", type=int, default=0, help="run seed (default: 0)")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="run seed (default: 0)")
     p.add_argument("--workers", type=positive_int, default=1, help="Geant4 processes (default: 1)")
     p.add_argument(
         "--chunk-size", type=positive_int, default=50, help="showers per chunk (default: 50)"
@@ -37,6 +37,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--detector", type=Path, help="detector config JSON (default: the standard 30-layer ECAL)"
     )
     p.add_argument("--out", type=Path, required=True, help="output showerdata file (.h5)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing output (and discard a partial one of other arguments)",
+    )
     p.set_defaults(func=run)
 
 
@@ -47,14 +52,18 @@ def _detector(args: argparse.Namespace) -> DetectorConfig:
             detector = DetectorConfig.from_json(args.detector.read_text())
         except OSError as exc:
             raise CalofmError(f"{args.detector}: cannot read ({exc.strerror})") from None
-        except (ValueError, TypeError) as exc:
+        except UnicodeDecodeError:
+            raise CalofmError(f"{args.detector}: not a detector config (not text)") from None
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
             raise CalofmError(f"{args.detector}: not a detector config ({exc})") from None
     return detector.with_material(material_long(args.material)) if args.material else detector
 
 
 def run(args: argparse.Namespace) -> int:
+    from calofm.files import check_output_file
     from calofm.simulation.runner import SimulationRequest, simulate_to_file
 
+    check_output_file(args.out, args.overwrite)
     request = SimulationRequest(
         detector=_detector(args),
         particle=args.particle,
@@ -63,6 +72,6 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         chunk_size=args.chunk_size,
     )
-    path = simulate_to_file(request, args.out, workers=args.workers)
+    path = simulate_to_file(request, args.out, workers=args.workers, overwrite=args.overwrite)
     print(f"wrote {request.n} showers to {path}")
     return 0

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from calofm.cli._args import add_budget_options, fraction, positive_float, positive_int
+from calofm.cli._args import (
+    add_budget_options,
+    fraction,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -61,9 +67,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="showers per --forgetting class (default: --n-generate)",
     )
     f.add_argument("--out", required=True, metavar="DIR")
+    f.add_argument(
+        "--overwrite", action="store_true", help="replace a study made with other settings in DIR"
+    )
     add_budget_options(f)
     f.add_argument("--val-fraction", type=fraction, default=0.05)
-    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--seed", type=non_negative_int, default=0)
     f.add_argument("--batch-size", type=positive_int, help="showers per step (default 32)")
     f.add_argument("--lr", type=positive_float, help="peak learning rate (default 1e-3)")
     f.add_argument("--generate-batch", type=positive_int, default=128)
@@ -106,7 +115,9 @@ def run_finetune(args: argparse.Namespace) -> int:
         adapter_dirs=tuple(args.adapter),
     )
     train_config = stage_train_config(args)
-    summary = run_finetune_study(args.model, config, train_config, args.out, args.device)
+    summary = run_finetune_study(
+        args.model, config, train_config, args.out, args.device, overwrite=args.overwrite
+    )
     keys = ["energy_sum", "n_hits", "cog_z", "classifier_auc"]
     keys = [k for k in keys if k in summary["floor"]]
     print(f"{summary['class']}: {summary['n_compared']} vs {summary['n_compared']} showers")

@@ -58,7 +58,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     data.add_argument(
         "--val-fraction", type=fraction, default=0.05, help="showers held out per class"
     )
-    data.add_argument("--seed", type=int, default=0, help="data split, subsets, batches, init")
+    data.add_argument(
+        "--seed", type=non_negative_int, default=0, help="data split, subsets, batches, init"
+    )
     opt = p.add_argument_group("optimisation (defaults from the preset)")
     size = opt.add_mutually_exclusive_group()
     size.add_argument("--batch-size", type=positive_int, help="showers per optimizer step")
@@ -68,6 +70,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     opt.add_argument("--amp", action="store_true", help="bfloat16 autocast (default fp32)")
     opt.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     opt.add_argument("--resume", action="store_true", help="continue from MODEL_DIR/checkpoints")
+    opt.add_argument(
+        "--overwrite", action="store_true", help="replace a model or training run in MODEL_DIR"
+    )
     tok = p.add_argument_group("tokenizer (defaults from the preset; edges from the data)")
     tok.add_argument("--energy-scheme", choices=("linear", "log"))
     tok.add_argument("--energy-bins", type=positive_int)
@@ -79,8 +84,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from calofm.cli._rundir import plan_run_dir
     from calofm.errors import CalofmError
     from calofm.model import CaloFM, preset
+    from calofm.model.io import MANIFEST_FILE, WEIGHTS_FILE
     from calofm.tokens import Tokenizer
     from calofm.training import distributed
     from calofm.training.config import TrainConfig, preset_defaults
@@ -102,6 +109,13 @@ def run(args: argparse.Namespace) -> int:
         warmup_steps=defaults.warmup_steps if args.warmup is None else args.warmup,
         seed=args.seed,
         amp=args.amp,
+    )
+    out_plan = plan_run_dir(
+        args.out,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        products=(WEIGHTS_FILE, MANIFEST_FILE),
+        what="model",
     )
     env = distributed.setup(args.device)
     try:
@@ -135,6 +149,7 @@ def run(args: argparse.Namespace) -> int:
                 )
             for message in train_set.messages() + val_set.messages():
                 print(message, flush=True)
+        resume = out_plan.apply()
         torch.manual_seed(args.seed)
         model = CaloFM(model_config, tok_config, detector, names)
         provenance = {
@@ -165,7 +180,7 @@ def run(args: argparse.Namespace) -> int:
                 None,
                 args.out,
                 provenance=provenance,
-                resume=args.resume,
+                resume=resume,
                 device=args.device,
                 should_stop=lambda step: stop["requested"],
             )

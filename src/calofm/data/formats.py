@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -235,27 +236,59 @@ def _points(showers: SparseShowers) -> tuple[list[np.ndarray], np.ndarray]:
     return rows, showers.n_hits.astype(np.int32)
 
 
+def _foreign_partial(partial: Path, signature: str, replace: bool) -> bool:
+    """Whether the partial file of an output must be started afresh.
+
+    A partial of the same run is kept (the resume point). One left by other arguments is refused
+    unless ``replace``: it may hold hours of another run. One that cannot be read (cut short while
+    being written, e.g. by SIGKILL) holds nothing recoverable and is started again, with a warning.
+    """
+    if not partial.exists():
+        return False
+    try:
+        with h5py.File(partial, "r") as f:
+            same = f.attrs.get("run_signature") == signature and "n_written" in f.attrs
+    except OSError:
+        print(
+            f"calofm: warning: {partial} cannot be read (it was cut short while being written); "
+            "starting that output again",
+            file=sys.stderr,
+        )
+        return True
+    if same:
+        return False
+    if not replace:
+        raise CalofmError(
+            f"{partial} is an interrupted run made with other arguments; run that command again "
+            "to resume it, or add --overwrite to discard it"
+        )
+    return True
+
+
 class ShowerWriter:
     """Append showers to a showerdata file in chunks; the file gets its final name on ``finish``.
 
     The partial file (``NAME.partial``) records how many showers it holds and a signature of the run
-    that writes it, so the same command resumes where an interrupted one stopped.
+    that writes it, so the same command resumes where an interrupted one stopped; a partial file of
+    another run is refused unless ``replace_partial``.
     """
 
-    def __init__(self, path: str | os.PathLike[str], n_total: int, metadata: dict, signature: str):
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        n_total: int,
+        metadata: dict,
+        signature: str,
+        *,
+        replace_partial: bool = False,
+    ):
         self.path = Path(path)
         self.partial = partial_path(self.path)
         self.n_total = n_total
         self.signature = signature
+        if _foreign_partial(self.partial, signature, replace_partial):
+            self.partial.unlink()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.partial.exists():
-            try:
-                with h5py.File(self.partial, "r") as f:
-                    ok = f.attrs.get("run_signature") == signature and "n_written" in f.attrs
-            except OSError:
-                ok = False
-            if not ok:
-                self.partial.unlink()
         if not self.partial.exists():
             vlen = h5py.vlen_dtype(np.dtype("float32"))
             with h5py.File(self.partial, "w") as f:
@@ -290,13 +323,18 @@ class ShowerWriter:
         with h5py.File(self.partial, "a") as f:
             f.attrs[META_ATTR] = json.dumps(meta, sort_keys=True, default=str)
 
-    def append(self, showers: SparseShowers) -> None:
+    def append(self, showers: SparseShowers, **metadata: object) -> None:
+        """Append showers; ``metadata`` entries are merged into the file's calofm metadata in the
+        same write, so the count and the statistics that go with it never disagree."""
         start = self.n_written
         stop = start + len(showers)
         if stop > self.n_total:
             raise CalofmError(f"{self.path}: more showers than announced ({stop} > {self.n_total})")
         rows, num_points = _points(showers)
+        merged = {**self.metadata, **metadata} if metadata else None
         with h5py.File(self.partial, "a") as f:
+            if merged is not None:
+                f.attrs[META_ATTR] = json.dumps(merged, sort_keys=True, default=str)
             if len(showers):
                 f["showers"][start:stop] = rows
                 f["energies"][start:stop] = showers.incident.reshape(-1, 1)
@@ -330,18 +368,30 @@ def _showerdata_version() -> str:
 
 
 class GettingHighWriter:
-    """Append showers as dense (N, layer, x, y) MeV arrays; renamed to the final name on ``finish``."""
+    """Append showers as dense (N, layer, x, y) MeV arrays to ``NAME.partial``, renamed to the
+    final name on ``finish``; like ``ShowerWriter``, the same run resumes its partial file."""
 
     def __init__(
-        self, path: str | os.PathLike[str], n_total: int, metadata: dict, detector: DetectorConfig
+        self,
+        path: str | os.PathLike[str],
+        n_total: int,
+        metadata: dict,
+        detector: DetectorConfig,
+        signature: str,
+        *,
+        replace_partial: bool = False,
     ):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        self.partial = partial_path(self.path)
         self.n_total = n_total
-        self.n_written = 0
-        with h5py.File(self.tmp, "w") as f:
-            g = f.create_group(f"{detector.nx}x{detector.ny}")
+        self.group = f"{detector.nx}x{detector.ny}"
+        if _foreign_partial(self.partial, signature, replace_partial):
+            self.partial.unlink()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.partial.exists():
+            return
+        with h5py.File(self.partial, "w") as f:
+            g = f.create_group(self.group)
             g.create_dataset("energy", shape=(n_total, 1), dtype=np.float32)
             g.create_dataset(
                 "layers",
@@ -354,41 +404,72 @@ class GettingHighWriter:
             for key in ("material", "particle", "simulator", "seed"):
                 if key in metadata:
                     f.attrs[key] = metadata[key]
-        self.group = f"{detector.nx}x{detector.ny}"
+            f.attrs["run_signature"] = signature
+            f.attrs["n_written"] = 0
+
+    @property
+    def n_written(self) -> int:
+        with h5py.File(self.partial, "r") as f:
+            return int(f.attrs["n_written"])
 
     def append(self, showers: SparseShowers) -> None:
-        start, stop = self.n_written, self.n_written + len(showers)
-        with h5py.File(self.tmp, "a") as f:
+        start = self.n_written
+        stop = start + len(showers)
+        if stop > self.n_total:
+            raise CalofmError(f"{self.path}: more showers than announced ({stop} > {self.n_total})")
+        with h5py.File(self.partial, "a") as f:
             f[self.group]["energy"][start:stop] = showers.incident.reshape(-1, 1)
             f[self.group]["layers"][start:stop] = showers.to_dense()
-        self.n_written = stop
+            f.attrs["n_written"] = stop
+            f.flush()
 
     def finish(self) -> Path:
         if self.n_written != self.n_total:
-            self.tmp.unlink(missing_ok=True)
             raise CalofmError(
                 f"{self.path}: only {self.n_written} of {self.n_total} showers written"
             )
-        os.replace(self.tmp, self.path)
+        with h5py.File(self.partial, "a") as f:
+            del f.attrs["run_signature"]
+            del f.attrs["n_written"]
+        os.replace(self.partial, self.path)
         return self.path
 
 
 def open_writer(
-    path: str | os.PathLike[str], fmt: str, n_total: int, metadata: dict, detector: DetectorConfig
+    path: str | os.PathLike[str],
+    fmt: str,
+    n_total: int,
+    metadata: dict,
+    detector: DetectorConfig,
+    signature: str,
+    *,
+    replace_partial: bool = False,
 ) -> ShowerWriter | GettingHighWriter:
-    """A chunk-by-chunk writer for either layout."""
+    """A chunk-by-chunk writer for either layout; ``signature`` names the run that may resume."""
     if fmt == "showerdata":
-        return ShowerWriter(path, n_total, metadata, signature=f"write-{os.getpid()}")
+        return ShowerWriter(path, n_total, metadata, signature, replace_partial=replace_partial)
     if fmt == "getting_high":
-        return GettingHighWriter(path, n_total, metadata, detector)
+        return GettingHighWriter(
+            path, n_total, metadata, detector, signature, replace_partial=replace_partial
+        )
     raise CalofmError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
 
 
 def write_showers(
     showers: SparseShowers, path: str | os.PathLike[str], fmt: str = "showerdata", **extra: object
 ) -> Path:
-    """Write a whole set at once in either format (under a temporary name, then renamed)."""
-    writer = open_writer(path, fmt, len(showers), file_metadata(showers, **extra), showers.detector)
+    """Write a whole set at once in either format (under a temporary name, then renamed).
+
+    The set is in memory, so there is nothing to resume: a partial file at ``path`` is replaced."""
+    writer = open_writer(
+        path,
+        fmt,
+        len(showers),
+        file_metadata(showers, **extra),
+        showers.detector,
+        "write-once",
+        replace_partial=True,
+    )
     for start in range(0, len(showers), 1000):
         writer.append(showers.select(slice(start, start + 1000)))
     return writer.finish()

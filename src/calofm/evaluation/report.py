@@ -28,7 +28,7 @@ from calofm.evaluation.observables import (
     read_observables,
 )
 from calofm.evaluation.plots import plot_observable
-from calofm.files import atomic_output
+from calofm.files import atomic_output, check_output_dir
 
 METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.html"
@@ -194,10 +194,7 @@ def evaluate(
     reference = Path(reference)
     paths = {name: Path(p) for name, p in candidates.items()}
     _check_inputs(reference, paths)
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise CalofmError(f"{out}: exists and is not a directory")
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_output_dir(out_dir)  # created only once there is something to write (below)
 
     ref_obs = read_observables(reference, observable_config, max_showers, progress=progress)
     cand_obs = {
@@ -211,6 +208,7 @@ def evaluate(
     metrics = compare_samples(ref_obs, cand_obs, observables, edges, metric_config, progress)
     n = metrics["n_compared"]
     metrics["observables"] = [o.name for o in observables]
+    out.mkdir(parents=True, exist_ok=True)
     metrics["plots"] = _write_plots(
         out, reference.stem, ref_obs, cand_obs, edges, metrics, observable_config
     )

@@ -30,6 +30,7 @@ from calofm.data.formats import ShowerWriter, file_metadata
 from calofm.data.showers import SparseShowers, concatenate
 from calofm.detector import DetectorConfig
 from calofm.errors import CalofmError
+from calofm.files import check_output_file
 from calofm.particles import pdg_code
 from calofm.simulation.tables import PHYSICS_NOTE, TABLES_VERSION
 
@@ -167,9 +168,13 @@ def simulate(request: SimulationRequest, workers: int = 1) -> SparseShowers:
 
 
 def open_writer(
-    request: SimulationRequest, out: str | os.PathLike[str], simulator: str
+    request: SimulationRequest,
+    out: str | os.PathLike[str],
+    simulator: str,
+    replace_partial: bool = False,
 ) -> ShowerWriter:
-    """The resumable writer of ``out``: it keeps a partial file only if the same run wrote it."""
+    """The resumable writer of ``out``: it resumes a partial file only if the same run wrote it,
+    and refuses one of another run unless ``replace_partial``."""
     empty = SparseShowers(
         offsets=np.zeros(1),
         voxels=np.zeros(0),
@@ -179,7 +184,9 @@ def open_writer(
         particle=request.particle,
     )
     meta = file_metadata(empty, **request.describe(simulator))
-    return ShowerWriter(out, request.n, meta, request.signature(simulator))
+    return ShowerWriter(
+        out, request.n, meta, request.signature(simulator), replace_partial=replace_partial
+    )
 
 
 def simulate_to_file(
@@ -187,12 +194,15 @@ def simulate_to_file(
     out: str | os.PathLike[str],
     workers: int = 1,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> Path:
-    """Simulate into a showerdata file; rerunning the same request resumes an interrupted run."""
-    if Path(out).is_dir():
-        raise CalofmError(f"{out}: is a directory; --out needs a file name")
+    """Simulate into a showerdata file; rerunning the same request resumes an interrupted run.
+
+    A complete ``out`` is replaced only with ``overwrite`` (and only once the new file is complete).
+    """
+    check_output_file(out, overwrite)
     simulator = check_request(request)
-    writer = open_writer(request, out, simulator)
+    writer = open_writer(request, out, simulator, replace_partial=overwrite)
     done = writer.n_written  # whole chunks: the signature pins the chunk size
     desc = f"simulate {request.detector.material} {request.particle}"
     bar = tqdm(total=request.n, initial=done, unit="shower", desc=desc, disable=not progress)

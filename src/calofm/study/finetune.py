@@ -29,7 +29,7 @@ from calofm.data.formats import file_info, read_showers, write_showers
 from calofm.data.showers import SparseShowers
 from calofm.data.subsets import ShowerPool, split_indices, too_few_message
 from calofm.errors import CalofmError
-from calofm.files import atomic_output
+from calofm.files import atomic_output, check_output_dir, remove_outputs
 from calofm.generation.engine import generate
 from calofm.model.io import load_model
 from calofm.model.transformer import CaloFM
@@ -39,6 +39,7 @@ from calofm.training.trainer import CHECKPOINT_DIR, SUMMARY_FILE, train
 
 METHODS = ("expert", "expert+condition", "full")
 SUMMARY = "study.json"
+STUDY_CONFIG = "study_config.json"
 PLOT = "study.png"
 
 
@@ -193,23 +194,28 @@ def run_finetune_study(
     train_config: TrainConfig,
     out_dir: str | Path,
     device: str | None = None,
+    overwrite: bool = False,
 ) -> dict:
-    """Run every (method, N, repeat), evaluate them together; write and return the summary."""
+    """Run every (method, N, repeat), evaluate them together; write and return the summary.
+
+    Every input is checked before anything is created. A study directory made with other settings
+    is refused (its runs would be mixed with these) unless ``overwrite``, which removes it first.
+    """
     pool = ShowerPool.open(list(config.train_paths)).n
     n_pool = len(split_indices(pool, config.val_fraction, config.seed)[0])
     if max(config.n_events) > n_pool:  # before any run, not after hours of them
         raise CalofmError(too_few_message(max(config.n_events), pool, n_pool, config.val_fraction))
-    out_dir = Path(out_dir)
-    runs_dir = out_dir / "runs"
-    runs_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "study_config.json").write_text(
-        json.dumps({"study": asdict(config), "train": train_config.to_dict()}, indent=1)
-    )
-    gen_device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     incident = _incident(config.test_path, config.n_generate)
-    base_showers: dict[str, SparseShowers] = {}
     n_forget = config.n_forgetting or config.n_generate
     forget_incident = {c: _incident(p, n_forget) for c, p in config.forgetting}
+    out_dir = check_output_dir(out_dir)
+    settings = json.dumps({"study": asdict(config), "train": train_config.to_dict()}, indent=1)
+    _claim_study_dir(out_dir, settings, overwrite)
+    runs_dir = out_dir / "runs"
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / STUDY_CONFIG).write_text(settings)
+    gen_device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    base_showers: dict[str, SparseShowers] = {}
     if config.forgetting:
         base = load_model_with_adapters(model_dir, list(config.adapter_dirs), gen_device)
         for cls, _ in config.forgetting:
@@ -284,6 +290,25 @@ def run_finetune_study(
         tmp.write_text(json.dumps(summary, indent=1))
     _plot(summary, out_dir / PLOT)
     return summary
+
+
+def _claim_study_dir(out_dir: Path, settings: str, overwrite: bool) -> None:
+    """Refuse (or with ``overwrite`` clear) a study directory made with other settings."""
+    config_path = out_dir / STUDY_CONFIG
+    outputs = [STUDY_CONFIG, "runs", "forgetting", "eval", "eval_forgetting", FIGURE_DIR]
+    outputs += [SUMMARY, PLOT]
+    present = [name for name in outputs if (out_dir / name).exists()]
+    if not present:
+        return
+    same = config_path.is_file() and config_path.read_text() == settings
+    if same:
+        return  # the same study: finished runs are reused, a stopped one continues
+    if not overwrite:
+        raise CalofmError(
+            f"{out_dir} holds a study made with other settings; rerun it with those, choose "
+            "another --out, or add --overwrite to replace it"
+        )
+    remove_outputs(out_dir, present)
 
 
 def _evaluate(reference: str, candidates: dict[str, Path], out: Path, config: StudyConfig) -> dict:
