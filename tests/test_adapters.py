@@ -448,6 +448,20 @@ def test_one_generate_call_mixes_base_and_adapted_classes():
     }
     assert out["G4_Pb:e-"].particle == "e-" and out["G4_Pb:e-"].detector.material == "G4_Pb"
     assert stats["n_showers"] == 5
+    # Each row's shower is the one its class gives alone (same seed and row number); the
+    # classes' showers differ, so a row routed to another class's expert or heads is caught.
+    energies = np.array([1.5, 2, 3, 4, 4.5])
+    rows_of = {c: [i for i, x in enumerate(classes) if x == c] for c in out}
+    for c, rows in rows_of.items():
+        for k, i in enumerate(rows):
+            alone = generate(model, c, energies[i : i + 1], seed=0, max_hits=20, first_row=i)[0]
+            mixed, single = out[c].select([k]), alone[c]
+            np.testing.assert_array_equal(mixed.voxels, single.voxels)
+            np.testing.assert_array_equal(mixed.energies, single.energies)
+            others = [x for x in out if x != c]
+            for other in others:
+                wrong = generate(model, other, energies[i : i + 1], seed=0, max_hits=20, first_row=i)
+                assert not np.array_equal(wrong[0][other].voxels, mixed.voxels), (c, other)
 
 
 def test_an_interrupted_stage_resumes_to_the_same_adapter(tmp_path):
