@@ -60,7 +60,7 @@ def plan_run_dir(
     if not resume:
         if present:
             raise CalofmError(
-                f"{out} already holds a {what} or a training run; continue an interrupted run "
+                f"{out} already holds {what} or a training run; continue an interrupted run "
                 "with --resume, replace it with --overwrite, or choose another --out"
             )
         return RunDirPlan(out, False)

@@ -120,7 +120,7 @@ def run_stage_command(args: argparse.Namespace, stage: str, make_config) -> int:
         resume=args.resume,
         overwrite=args.overwrite,
         products=(TENSORS_FILE, MANIFEST_FILE),
-        what="adapter",
+        what="an adapter",
     )
     env = distributed.setup(args.device)  # joins the process group under torchrun
     try:

@@ -115,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
         resume=args.resume,
         overwrite=args.overwrite,
         products=(WEIGHTS_FILE, MANIFEST_FILE),
-        what="model",
+        what="a model",
     )
     env = distributed.setup(args.device)
     try:

@@ -1,0 +1,292 @@
+"""Bad input across every sub-command: one error line, exit 2, and the file system left as it was.
+
+One row per case: the command (``{d}`` is a folder of shared, read-only inputs made here with h5py,
+``{t}`` the case's own folder), the exit code, a fragment of the message, the files that must not
+exist afterwards (in ``{t}`` unless named with ``{d}``), and what the case's folder holds
+beforehand. Every case also checks that no file
+in either folder was created, changed or removed. The CLI runs in-process (fast); signals are tested
+in test_kill_anywhere.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from conftest import make_toy_showers
+from test_model import tiny_model
+
+from calofm.cli import main
+from calofm.data.formats import ShowerWriter, write_showers
+from calofm.detector import DetectorConfig
+from calofm.model import save_model
+
+TQDM_LINE = re.compile(r"\d+%\||\d+/\d+ \[|\r")
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> Path:
+    """Good and malformed inputs of every kind calofm reads, shared by the cases (never changed)."""
+    d = tmp_path_factory.mktemp("inputs")
+    det = DetectorConfig()
+    showers = make_toy_showers(12, seed=1)
+    write_showers(showers, d / "w.h5")
+    write_showers(make_toy_showers(12, seed=2, detector=det.with_material("G4_Pb")), d / "pb.h5")
+    write_showers(showers.select(slice(0, 1)), d / "one.h5")
+    write_showers(showers, d / "w_gh.h5", fmt="getting_high")
+    small = DetectorConfig(absorber_mm=(2.1,) * 6, nx=6, ny=6)
+    write_showers(make_toy_showers(12, seed=3, detector=small), d / "small_grid.h5")
+    (d / "empty.h5").write_bytes(b"")
+    (d / "notes.h5").write_text("these are notes, not showers\n")
+    (d / "a_directory.h5").mkdir()
+    with h5py.File(d / "no_groups.h5", "w") as f:
+        f.attrs["comment"] = "an HDF5 file with nothing in it"
+    dense = np.zeros((3, *det.shape), np.float32)
+    dense[:, 5, 15, 15] = 10.0
+    with h5py.File(d / "gh_no_energy.h5", "w") as f:
+        f.create_group("30x30").create_dataset("layers", data=dense)
+    with h5py.File(d / "gh_3d_layers.h5", "w") as f:
+        g = f.create_group("30x30")
+        g.create_dataset("layers", data=dense[:, 0])
+        g.create_dataset("energy", data=np.full((3, 1), 50.0, np.float32))
+    with h5py.File(d / "gh_count_mismatch.h5", "w") as f:
+        g = f.create_group("30x30")
+        g.create_dataset("layers", data=dense)
+        g.create_dataset("energy", data=np.full((2, 1), 50.0, np.float32))
+    with h5py.File(d / "gh_wrong_grid.h5", "w") as f:
+        g = f.create_group("10x10")
+        g.create_dataset("layers", data=np.ones((3, 10, 10, 10), np.float32))
+        g.create_dataset("energy", data=np.full((3, 1), 50.0, np.float32))
+    with h5py.File(d / "gh_negative_cells.h5", "w") as f:
+        g = f.create_group("30x30")
+        g.create_dataset("layers", data=-dense)
+        g.create_dataset("energy", data=np.full((3, 1), 50.0, np.float32))
+    _damaged_copy(d / "w.h5", d / "nan_incident.h5", "energies", np.nan)
+    _damaged_copy(d / "w.h5", d / "negative_incident.h5", "energies", -5.0)
+    _damaged_copy(d / "w.h5", d / "negative_points.h5", "points", -1.0)
+    _damaged_copy(d / "w.h5", d / "bad_metadata.h5", "calofm", "{not json")
+    with h5py.File(d / "no_showers.h5", "w") as f:
+        f.create_dataset("showers", shape=(0,), dtype=h5py.vlen_dtype(np.float32))
+        f.create_dataset("energies", shape=(0, 1), dtype=np.float32)
+        f.create_dataset("num_points", shape=(0,), dtype=np.int32)
+    (d / "detector.json").write_text("{ not a detector")
+
+    torch.manual_seed(0)
+    save_model(tiny_model(), d / "model", {"test": True})
+    save_model(tiny_model(), d / "truncated_model", {"test": True})
+    weights = d / "truncated_model" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    save_model(tiny_model(), d / "bad_manifest_model", {"test": True})
+    (d / "bad_manifest_model" / "manifest.json").write_text("{ truncated")
+    return d
+
+
+def _damaged_copy(source: Path, target: Path, what: str, value: object) -> None:
+    """A copy of a good showerdata file with one thing broken."""
+    target.write_bytes(source.read_bytes())
+    with h5py.File(target, "a") as f:
+        if what == "energies":
+            energies = f["energies"][:]
+            energies[3] = value
+            f["energies"][:] = energies
+        elif what == "points":
+            row = f["showers"][2].copy()
+            row[3::4] = value  # every point's energy (x, y, z, E)
+            f["showers"][2] = row
+        else:
+            f.attrs[what] = value
+
+
+def _existing(name: str, text: str = "a complete output\n") -> Callable[[Path, Path], None]:
+    def make(t: Path, d: Path) -> None:
+        path = t / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+
+    return make
+
+
+def _foreign_partial(name: str) -> Callable[[Path, Path], None]:
+    """A partial output left by an interrupted run with other arguments."""
+
+    def make(t: Path, d: Path) -> None:
+        writer = ShowerWriter(t / name, 10, {"material": "G4_W"}, signature="another run")
+        writer.append(make_toy_showers(3, seed=9))
+
+    return make
+
+
+def _model_copy(name: str) -> Callable[[Path, Path], None]:
+    def make(t: Path, d: Path) -> None:
+        torch.manual_seed(0)
+        save_model(tiny_model(), t / name, {"test": True})
+
+    return make
+
+
+def _study_dir(t: Path, d: Path) -> None:
+    (t / "study" / "runs").mkdir(parents=True)
+    (t / "study" / "study_config.json").write_text(json.dumps({"study": "other settings"}))
+
+
+def _quickstart_dir(t: Path, d: Path) -> None:
+    """A quickstart folder of an earlier run with other settings (its record says so)."""
+    (t / "qs").mkdir()
+    (t / "qs" / "geant4_reference.h5").write_bytes((d / "w.h5").read_bytes())
+    (t / "qs" / "quickstart_steps.json").write_text(json.dumps({"reference": "0123456789abcdef"}))
+
+
+@dataclass
+class Case:
+    id: str
+    argv: str
+    code: int
+    message: str
+    absent: tuple[str, ...] = ()
+    setup: Callable[[Path, Path], None] | None = None
+    extra: dict = field(default_factory=dict)
+
+
+SIM = "simulate --material G4_W -n 2 --energy 1 --chunk-size 1"
+GEN = "generate --model {d}/model --material G4_W --particle gamma -n 3 --energy 50 --max-hits 5"
+EVAL = "evaluate {d}/w.h5 {d}/w.h5"
+STAGE = "--model {d}/model --data {d}/pb.h5 --max-steps 1 --out {t}/adapter"
+STUDY = "study finetune --model {d}/model --material G4_Pb --particle gamma --data {d}/pb.h5"
+QS = "quickstart -n 5 --train-minutes 0.01 --workers 1"
+
+CASES = [
+    # simulate
+    Case("simulate-out-under-a-file", SIM + " --out {t}/notes.txt/x.h5", 2, "is a file, not a directory", ("notes.txt/x.h5",), _existing("notes.txt")),
+    Case("simulate-out-is-a-directory", SIM + " --out {t}/dir", 2, "is a directory", ("dir.partial",), lambda t, d: (t / "dir").mkdir()),
+    Case("simulate-complete-output-exists", SIM + " --out {t}/w.h5", 2, "add --overwrite", ("w.h5.partial",), _existing("w.h5")),
+    Case("simulate-partial-of-other-arguments", SIM + " --out {t}/w.h5", 2, "other arguments", ("w.h5",), _foreign_partial("w.h5")),
+    Case("simulate-unknown-material", "simulate --material G4_Unobtainium -n 2 --energy 1 --out {t}/x.h5", 2, "unknown material", ("x.h5", "x.h5.partial")),
+    Case("simulate-malformed-detector-config", SIM + " --detector {d}/detector.json --out {t}/x.h5", 2, "not a detector config", ("x.h5", "x.h5.partial")),
+    Case("simulate-detector-config-is-a-directory", SIM + " --detector {d}/a_directory.h5 --out {t}/x.h5", 2, "cannot read", ("x.h5",)),
+    Case("simulate-reversed-energy-range", "simulate -n 2 --energy-range 50 10 --out {t}/x.h5", 2, "LO must not exceed HI", ("x.h5",)),
+    Case("simulate-negative-seed", SIM + " --seed -1 --out {t}/x.h5", 2, "must be 0 or more", ("x.h5",)),
+    Case("simulate-energy-and-range-together", "simulate -n 2 --energy 5 --energy-range 1 2 --out {t}/x.h5", 2, "not allowed with", ("x.h5",)),
+    # convert
+    Case("convert-missing-input", "convert {d}/nothing.h5 --to getting_high --out {t}/x.h5", 2, "no such file", ("x.h5", "x.h5.partial")),
+    Case("convert-input-is-a-directory", "convert {d}/a_directory.h5 --to getting_high --out {t}/x.h5", 2, "is a directory", ("x.h5",)),
+    Case("convert-empty-file", "convert {d}/empty.h5 --to getting_high --out {t}/x.h5", 2, "not a readable HDF5 file", ("x.h5",)),
+    Case("convert-text-file", "convert {d}/notes.h5 --to getting_high --out {t}/x.h5", 2, "not a readable HDF5 file", ("x.h5",)),
+    Case("convert-hdf5-without-shower-groups", "convert {d}/no_groups.h5 --to getting_high --out {t}/x.h5", 2, "unknown layout", ("x.h5",)),
+    Case("convert-getting-high-without-energy", "convert {d}/gh_no_energy.h5 --to showerdata --out {t}/x.h5", 2, "needs datasets 'layers' and 'energy'", ("x.h5",)),
+    Case("convert-getting-high-3d-layers", "convert {d}/gh_3d_layers.h5 --to showerdata --out {t}/x.h5", 2, "must be (N, layer, x, y)", ("x.h5",)),
+    Case("convert-getting-high-count-mismatch", "convert {d}/gh_count_mismatch.h5 --to showerdata --out {t}/x.h5", 2, "one energy per shower", ("x.h5",)),
+    Case("convert-getting-high-other-grid", "convert {d}/gh_wrong_grid.h5 --to showerdata --out {t}/x.h5", 2, "does not match the detector", ("x.h5",)),
+    Case("convert-getting-high-negative-cells", "convert {d}/gh_negative_cells.h5 --to showerdata --out {t}/x.h5", 2, "negative", ("x.h5", "x.h5.partial")),
+    Case("convert-nan-incident-energy", "convert {d}/nan_incident.h5 --to getting_high --out {t}/x.h5", 2, "NaN", ("x.h5", "x.h5.partial")),
+    Case("convert-negative-incident-energy", "convert {d}/negative_incident.h5 --to getting_high --out {t}/x.h5", 2, "negative values", ("x.h5", "x.h5.partial")),
+    Case("convert-negative-point-energies", "convert {d}/negative_points.h5 --to getting_high --out {t}/x.h5", 2, "point energies contain negative", ("x.h5", "x.h5.partial")),
+    Case("convert-malformed-calofm-metadata", "convert {d}/bad_metadata.h5 --to getting_high --out {t}/x.h5", 2, "malformed calofm metadata", ("x.h5",)),
+    Case("convert-file-without-showers", "convert {d}/no_showers.h5 --to getting_high --out {t}/x.h5", 2, "holds no showers", ("x.h5", "x.h5.partial")),
+    Case("convert-complete-output-exists", "convert {d}/w.h5 --to getting_high --out {t}/x.h5", 2, "add --overwrite", ("x.h5.partial",), _existing("x.h5")),
+    Case("convert-output-is-the-input", "convert {d}/w.h5 --to showerdata --overwrite --out {d}/w.h5", 2, "is the input file", ("{d}/w.h5.partial",)),
+    Case("convert-partial-of-other-arguments", "convert {d}/w.h5 --to showerdata --out {t}/x.h5", 2, "other arguments", ("x.h5",), _foreign_partial("x.h5")),
+    Case("convert-unknown-layout-name", "convert {d}/w.h5 --to dense --out {t}/x.h5", 2, "invalid choice", ("x.h5",)),
+    # generate
+    Case("generate-missing-model", GEN.replace("{d}/model", "{d}/nothing") + " --out {t}/x.h5", 2, "no such model directory", ("x.h5", "x.h5.partial")),
+    Case("generate-truncated-weights", GEN.replace("{d}/model", "{d}/truncated_model") + " --out {t}/x.h5", 2, "unreadable weights", ("x.h5", "x.h5.partial")),
+    Case("generate-malformed-manifest", GEN.replace("{d}/model", "{d}/bad_manifest_model") + " --out {t}/x.h5", 2, "malformed JSON", ("x.h5", "x.h5.partial")),
+    Case("generate-class-the-model-lacks", GEN.replace("G4_W", "G4_Ta") + " --out {t}/x.h5", 2, "G4_W:gamma", ("x.h5", "x.h5.partial")),
+    Case("generate-unknown-particle", GEN.replace("gamma", "photon") + " --out {t}/x.h5", 2, "unknown particle", ("x.h5", "x.h5.partial")),
+    Case("generate-complete-output-exists", GEN + " --out {t}/x.h5", 2, "add --overwrite", ("x.h5.partial",), _existing("x.h5")),
+    Case("generate-partial-of-other-arguments", GEN + " --out {t}/x.h5", 2, "other arguments", ("x.h5",), _foreign_partial("x.h5")),
+    Case("generate-out-under-a-file", GEN + " --out {t}/notes.txt/x.h5", 2, "is a file, not a directory", (), _existing("notes.txt")),
+    Case("generate-top-p-above-one", GEN + " --top-p 1.5 --out {t}/x.h5", 2, "argument --top-p", ("x.h5",)),
+    Case("generate-temperature-and-dynamic-temperature", GEN + " --temperature 1 --dynamic-temperature 0.9 1.1 --out {t}/x.h5", 2, "not allowed with", ("x.h5",)),
+    # evaluate
+    Case("evaluate-too-few-showers", "evaluate {d}/one.h5 {d}/one.h5 --out {t}/report", 2, "need at least", ("report",)),
+    Case("evaluate-missing-candidate", EVAL + " {d}/nothing.h5 --out {t}/report", 2, "no such file", ("report",)),
+    Case("evaluate-candidate-on-another-grid", "evaluate {d}/w.h5 {d}/small_grid.h5 --out {t}/report", 2, "differs from the reference", ("report",)),
+    Case("evaluate-names-do-not-match-candidates", EVAL + " --names a b --out {t}/report", 2, "2 names for 1 candidates", ("report",)),
+    Case("evaluate-out-is-a-file", EVAL + " --out {t}/report", 2, "is a file", ("report/metrics.json",), _existing("report")),
+    Case("evaluate-complete-report-exists", EVAL + " --out {t}/report", 2, "add --overwrite", ("report/metrics.json",), _existing("report/report.html")),
+    Case("evaluate-bad-energy-slice", EVAL + " --slices 20-10 --out {t}/report", 2, "need 0 <= LO < HI", ("report",)),
+    # train
+    Case("train-without-a-budget", "train --data G4_W:gamma={d}/w.h5 --preset tiny --out {t}/m", 2, "needs a budget", ("m",)),
+    Case("train-existing-model-directory", "train --data G4_W:gamma={d}/w.h5 --preset tiny --max-steps 1 --out {t}/m", 2, "already holds a model", ("m/train_log.jsonl",), _model_copy("m")),
+    Case("train-overwrite-with-bad-data-keeps-the-old-model", "train --data G4_W:gamma={d}/nan_incident.h5 --preset tiny --max-steps 1 --overwrite --out {t}/m", 2, "NaN", ("m/train_log.jsonl",), _model_copy("m")),
+    Case("train-resume-and-overwrite-together", "train --data G4_W:gamma={d}/w.h5 --preset tiny --max-steps 1 --resume --overwrite --out {t}/m", 2, "give one of them", ("m",)),
+    Case("train-data-of-another-material", "train --data G4_W:gamma={d}/pb.h5 --preset tiny --max-steps 1 --out {t}/m", 2, "G4_Pb", ("m",)),
+    Case("train-out-under-a-file", "train --data G4_W:gamma={d}/w.h5 --preset tiny --max-steps 1 --out {t}/notes.txt/m", 2, "is a file, not a directory", (), _existing("notes.txt")),
+    Case("train-reversed-incident-range", "train --data G4_W:gamma={d}/w.h5 --preset tiny --max-steps 1 --incident-range 100 10 --out {t}/m", 2, "LO must be below HI", ("m",)),
+    # extend, adapt-particle
+    Case("extend-missing-data", "extend --material G4_Pb --particle gamma " + STAGE.replace("pb.h5", "nothing.h5"), 2, "no such file", ("adapter",)),
+    Case("extend-existing-adapter", "extend --material G4_Pb --particle gamma " + STAGE, 2, "already holds an adapter", ("adapter/train_log.jsonl",), _existing("adapter/adapter.json", "{}")),
+    Case("extend-class-the-model-has", "extend --material G4_W --particle gamma " + STAGE, 2, "G4_W:gamma", ("adapter",)),
+    Case("extend-resume-and-overwrite-together", "extend --material G4_Pb --particle gamma --resume --overwrite " + STAGE, 2, "give one of them", ("adapter",)),
+    Case("adapt-particle-unknown-particle", "adapt-particle --particle photon --material G4_W " + STAGE, 2, "unknown particle", ("adapter",)),
+    # adapters list
+    Case("adapters-list-truncated-weights", "adapters list {d}/truncated_model", 2, "unreadable weights", ()),
+    Case("adapters-list-missing-model", "adapters list {d}/nothing", 2, "no such model directory", ()),
+    Case("adapters-list-model-given-as-adapter", "adapters list {d}/model --adapter {d}/truncated_model", 2, "not a calofm adapter", ()),
+    # bench
+    Case("bench-out-exists", "bench model --quick --out {t}/bench.json", 2, "add --overwrite", (), _existing("bench.json")),
+    Case("bench-zero-threads", "bench model --quick --threads 0", 2, "argument --threads", ()),
+    # study finetune
+    Case("study-missing-test-file", STUDY + " --test {d}/nothing.h5 --sizes 2 --max-steps 1 --out {t}/study", 2, "no such file", ("study",)),
+    Case("study-test-file-is-not-hdf5", STUDY + " --test {d}/notes.h5 --sizes 2 --max-steps 1 --out {t}/study", 2, "not a readable HDF5", ("study",)),
+    Case("study-more-showers-than-the-data", STUDY + " --test {d}/pb.h5 --sizes 500 --max-steps 1 --out {t}/study", 2, "500", ("study",)),
+    Case("study-forgetting-class-the-model-lacks", STUDY + " --test {d}/pb.h5 --sizes 2 --max-steps 1 --forgetting G4_Ta:gamma={d}/w.h5 --out {t}/study", 2, "--forgetting", ("study",)),
+    Case("study-folder-of-other-settings", STUDY + " --test {d}/pb.h5 --sizes 2 --max-steps 1 --out {t}/study", 2, "other settings", ("study/runs/expert_n2_r0", "study/study.json"), _study_dir),
+    # quickstart
+    Case("quickstart-unknown-material", QS + " --material G4_Unobtainium --out {t}/qs", 2, "unknown material", ("qs",)),
+    Case("quickstart-reversed-energy-range", QS + " --energy-range 50 10 --out {t}/qs", 2, "LO must be below HI", ("qs",)),
+    Case("quickstart-unknown-preset", QS + " --preset huge --out {t}/qs", 2, "unknown preset", ("qs",)),
+    Case("quickstart-out-is-a-file", QS + " --out {t}/qs", 2, "needs a directory", (), _existing("qs")),
+    Case("quickstart-folder-of-other-settings", QS + " --material G4_Pb --out {t}/qs", 2, "other settings", ("qs/geant4_train.h5", "qs/geant4_reference.h5.partial"), _quickstart_dir),
+]  # fmt: skip
+
+
+def _snapshot(*roots: Path) -> dict[str, tuple[str, str]]:
+    """Every file and folder under ``roots`` with a hash of each file's bytes."""
+    seen = {}
+    for root in roots:
+        for path in sorted(root.rglob("*")):
+            kind = "dir" if path.is_dir() else "file"
+            digest = "" if kind == "dir" else hashlib.sha256(path.read_bytes()).hexdigest()
+            seen[str(path)] = (kind, digest)
+    return seen
+
+
+def test_the_table_covers_every_sub_command_with_distinct_cases():
+    from calofm.cli import build_parser
+
+    commands = {c.argv.split()[0] for c in CASES}
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    assert commands == set(sub.choices)
+    assert len({c.id for c in CASES}) == len(CASES) >= 40
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input_is_one_line_exit_2_and_leaves_nothing_behind(case, inputs, tmp_path, capsys):
+    torch.set_num_threads(1)
+    work = tmp_path / "work"
+    work.mkdir()
+    if case.setup:
+        case.setup(work, inputs)
+    before = _snapshot(inputs, work)
+    argv = [a.format(d=inputs, t=work) for a in case.argv.split()]
+    code = main(argv)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip() and not TQDM_LINE.search(line)]
+    assert code == case.code, err
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"calofm {argv[0]}"), lines[0]
+    assert case.message in lines[0]
+    assert "Traceback" not in err
+    for name in case.absent:
+        path = Path(name.format(d=inputs, t=work)) if "{" in name else work / name
+        assert not path.exists(), path
+    assert _snapshot(inputs, work) == before
