@@ -101,7 +101,9 @@ def test_generate_unique_voxels_writes_showers_without_merged_duplicates(tmp_pat
 
 
 def test_train_resume_continues_an_interrupted_run_to_the_same_model(
-    tmp_path, data, monkeypatch  # noqa: F811
+    tmp_path,
+    data,
+    monkeypatch,  # noqa: F811
 ):
     assert main(_train_command(data, tmp_path / "whole")) == 0
     out = tmp_path / "stopped"

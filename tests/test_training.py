@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -188,12 +189,130 @@ def test_config_needs_a_budget_and_one_batch_size():
         TrainConfig(epochs=1, batch_size=8, batch_tokens=100)
 
 
-def test_time_limit_stops_the_run_and_still_validates_and_saves(tmp_path):
+class FakeClock:
+    """The trainer's clock, one second further at every reading: a time limit without timing."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        self.now += 1.0
+        return self.now
+
+    perf_counter = monotonic
+
+    def time(self) -> float:
+        return self.monotonic()
+
+
+def test_time_limit_stops_the_run_and_still_validates_and_saves(tmp_path, monkeypatch):
+    import calofm.training.trainer as trainer_module
+
     train_set, val_set = datasets()
-    config = TrainConfig(time_limit_min=0.02, batch_size=8, warmup_steps=2)
+    monkeypatch.setattr(trainer_module, "time", FakeClock())
+    config = TrainConfig(time_limit_min=1.0, max_steps=500, batch_size=8, warmup_steps=2)
     result = train(
         model(), train_set, val_set, config, None, tmp_path, device="cpu", progress=False
     )
-    assert 0 < result.steps and not result.interrupted and result.last_val_loss is not None
-    assert result.elapsed_s < 60 * 0.02 + 10
+    # Stopped by the 60 (fake) seconds, not by the 500 steps, and not by an interruption.
+    assert 0 < result.steps < 60 and not result.interrupted
+    records = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    val = [r for r in records if r["kind"] == "val"]
+    assert val and val[-1]["step"] == result.steps  # validated where it stopped
+    assert result.last_val_loss == pytest.approx(val[-1]["loss"])
     assert load_model(tmp_path) is not None
+    summary = json.loads((tmp_path / "training.json").read_text())
+    assert summary["step"] == result.steps
+    state = json.loads((tmp_path / "checkpoints" / "last" / "state.json").read_text())
+    assert state["step"] == result.steps
+
+
+def _weights_equal(a: CaloFM, b: CaloFM) -> bool:
+    return all(
+        torch.equal(x, y)
+        for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True)
+    )
+
+
+def _log(path) -> list[dict]:
+    skip = ("elapsed_s", "tokens_per_s")
+    return [
+        {k: v for k, v in json.loads(line).items() if k not in skip}
+        for line in (path / "train_log.jsonl").read_text().splitlines()
+    ]
+
+
+def test_a_checkpoint_swap_cut_short_resumes_from_the_previous_checkpoint(tmp_path, monkeypatch):
+    """A kill between moving the old checkpoint aside and moving the new one in leaves only
+    ``last.old`` (and a temporary directory): resuming starts from it and ends as if nothing
+    had happened."""
+    import os
+
+    import calofm.training.checkpoint as checkpoint_module
+
+    train_set, val_set = datasets()
+    config = TrainConfig(epochs=2, batch_size=8, lr=3e-3, warmup_steps=4, log_every=3)
+    whole = model()
+    train(whole, train_set, val_set, config, None, tmp_path / "a", device="cpu", progress=False)
+
+    swaps = []
+
+    class CutShort:  # the checkpoint module's os: killed before the second swap-in completes
+        def __getattr__(self, name):
+            return getattr(os, name)
+
+        @staticmethod
+        def replace(src, dst):
+            if ".tmp-" in str(src):
+                swaps.append(dst)
+                if len(swaps) == 2:
+                    raise KeyboardInterrupt
+            os.replace(src, dst)
+
+    monkeypatch.setattr(checkpoint_module, "os", CutShort())
+    out = tmp_path / "b"
+    with pytest.raises(KeyboardInterrupt):  # the checkpoint after step 13 is never swapped in
+        train(
+            model(), train_set, val_set, config, None, out, device="cpu", progress=False,
+            should_stop=lambda step: step == 13,
+        )  # fmt: skip
+    monkeypatch.undo()
+    checkpoints = out / "checkpoints"
+    assert not (checkpoints / "last").exists()
+    assert json.loads((checkpoints / "last.old" / "state.json").read_text())["step"] == 10
+    resumed = model(seed=1)
+    done = train(
+        resumed, train_set, val_set, config, None, out, device="cpu", progress=False, resume=True
+    )
+    assert done.steps == 20 and not done.interrupted
+    assert _weights_equal(whole, resumed)
+    assert _log(tmp_path / "a") == _log(out)
+    assert (checkpoints / "last").is_dir() and not (checkpoints / "last.old").exists()
+
+
+def test_bf16_autocast_trains_validates_and_resumes_exactly(tmp_path):
+    train_set, val_set = datasets()
+    config = TrainConfig(epochs=1, batch_size=8, lr=3e-3, warmup_steps=2, amp=True)
+    kwargs = dict(device="cpu", progress=False)
+    whole = model()
+    result = train(whole, train_set, val_set, config, None, tmp_path / "a", **kwargs)
+    assert result.steps == 10 and np.isfinite(result.last_val_loss)
+    # Training ran under autocast: fp32 training from the same start ends elsewhere ...
+    fp32 = model()
+    train(fp32, train_set, val_set, replace(config, amp=False), None, tmp_path / "f", **kwargs)
+    assert not _weights_equal(whole, fp32)
+    # ... and so did validation: its loss is the bf16 one of the final weights, not the fp32 one.
+    env = distributed.setup("cpu")
+    batches = eval_batches(val_set.lengths, batch_size=8)
+    bf16 = evaluate(whole, val_set, batches, env, amp=True)["loss"]
+    assert result.last_val_loss == pytest.approx(bf16, rel=1e-9)
+    assert evaluate(whole, val_set, batches, env)["loss"] != pytest.approx(bf16, rel=1e-9)
+    stopped = train(
+        model(), train_set, val_set, config, None, tmp_path / "b", should_stop=lambda s: s == 4,
+        **kwargs,
+    )  # fmt: skip
+    assert stopped.interrupted and stopped.steps == 4
+    resumed = model(seed=1)
+    done = train(resumed, train_set, val_set, config, None, tmp_path / "b", resume=True, **kwargs)
+    assert done.steps == 10 and done.last_val_loss == pytest.approx(result.last_val_loss)
+    assert _weights_equal(whole, resumed)
