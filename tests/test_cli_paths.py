@@ -112,7 +112,7 @@ def test_train_resume_continues_an_interrupted_run_to_the_same_model(
     assert json.loads((out / "checkpoints" / "last" / "state.json").read_text())["step"] == 3
     monkeypatch.undo()
     assert main([*_train_command(data, out), "--resume"]) == 0
-    assert json.loads((out / "training.json").read_text())["step"] == 8
+    assert json.loads((out / "training.json").read_text())["step"] == 10
     whole, resumed = load_model(tmp_path / "whole"), load_model(out)
     for name, tensor in whole.state_dict().items():
         assert torch.equal(resumed.state_dict()[name], tensor), name
