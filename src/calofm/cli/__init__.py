@@ -76,8 +76,13 @@ def main(argv: list[str] | None = None) -> int:
     except CalofmError as exc:
         print(f"calofm {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as exc:
-        terminated = isinstance(exc, Terminated)
+    except (KeyboardInterrupt, ImportError) as exc:
+        # An interruption inside an extension module's import (geant4-pybind) arrives as an
+        # ImportError caused by the KeyboardInterrupt: it is still an interruption.
+        cause = exc.__cause__ or exc.__context__
+        if isinstance(exc, ImportError) and not isinstance(cause, KeyboardInterrupt):
+            raise
+        terminated = isinstance(exc, Terminated) or isinstance(cause, Terminated)
         print(
             f"calofm {args.command}: interrupted{' (SIGTERM)' if terminated else ''}; finished "
             "work is kept: run the same command again to resume",
