@@ -317,12 +317,6 @@ class ShowerWriter:
         with h5py.File(self.partial, "r") as f:
             return json.loads(_attr_str(f.attrs, META_ATTR) or "{}")
 
-    def update_metadata(self, **extra: object) -> None:
-        """Merge ``extra`` into the file's calofm metadata (e.g. statistics known only later)."""
-        meta = {**self.metadata, **extra}
-        with h5py.File(self.partial, "a") as f:
-            f.attrs[META_ATTR] = json.dumps(meta, sort_keys=True, default=str)
-
     def append(self, showers: SparseShowers, **metadata: object) -> None:
         """Append showers; ``metadata`` entries are merged into the file's calofm metadata in the
         same write, so the count and the statistics that go with it never disagree."""
