@@ -99,3 +99,47 @@ def test_study_refuses_sizes_beyond_the_training_pool_before_any_run(tmp_path, c
     err = capsys.readouterr().err
     assert "asked for 30 training showers" in err and "3 of them are held out" in err
     assert not (tmp_path / "study").exists()
+
+
+@pytest.mark.slow
+def test_repeats_beyond_the_disjoint_subsets_are_bootstrapped_labelled_and_seeded(tmp_path):
+    """30 showers, 2 held out: 28 hold two disjoint subsets of 10, so the third repeat of each
+    method is a bootstrap resample, and the summary and the figures' labels say so."""
+    torch.set_num_threads(1)
+    base = str(save_model(base_model(), tmp_path / "base", {}))
+    train = toy_file(tmp_path, "G4_Pb", "gamma", n=30, seed=1)
+    (tmp_path / "test").mkdir()
+    test = toy_file(tmp_path / "test", "G4_Pb", "gamma", n=10, seed=2)
+    out = tmp_path / "study"
+    argv = [
+        "study", "finetune", "--model", base, "--material", "Pb", "--particle", "gamma",
+        "--init-from", "Ta", "--data", train, "--test", test, "--sizes", "10",
+        "--repeats", "3", "--methods", "expert+condition", "full",
+        "--max-steps", "1", "--batch-size", "5", "--device", "cpu", "--seed", "3",
+        "--max-hits", "20", "--splits", "1", "--out", str(out),
+    ]  # fmt: skip
+    assert main(argv) == 0
+    summary = json.loads((out / "study.json").read_text())
+    for method in ("expert+condition", "full"):
+        assert [summary["bootstrapped"][f"{method} n=10 r={r}"] for r in range(3)] == [
+            False,
+            False,
+            True,
+        ]
+        assert summary["labels"][f"{method} n=10"] == (
+            f"{method} n=10, mean of 3 (1 bootstrap resample)"
+        )
+    runs = out / "runs"
+    adapters = [json.loads((runs / f"expert_condition_n10_r{r}" / "adapter.json").read_text())
+                for r in range(3)]  # fmt: skip
+    assert all(a["config"]["condition"] for a in adapters)
+    assert [a["provenance"]["train"]["seed"] for a in adapters] == [3, 4, 5]
+    assert [a["provenance"]["data"]["repeat"] for a in adapters] == [0, 1, 2]
+    full = [json.loads((runs / f"full_n10_r{r}" / "manifest.json").read_text()) for r in range(3)]
+    trained = [json.loads((runs / f"full_n10_r{r}" / "training.json").read_text()) for r in range(3)]
+    assert [t["train_config"]["seed"] for t in trained] == [3, 4, 5]
+    data = [m["provenance"]["data"] for m in full]
+    assert [d["seed"] for d in data] == [3, 3, 3] and [d["repeat"] for d in data] == [0, 1, 2]
+    assert [d["bootstrapped"] for d in data] == [False, False, True]
+    hashes = {m["weights_sha256"] for m in full}
+    assert len(hashes) == 3  # three different runs

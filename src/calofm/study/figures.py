@@ -8,7 +8,7 @@ with the most training showers is the full-data result.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -36,12 +36,14 @@ def plot_study_observables(
     summary_groups: dict[str, dict],
     out_dir: Path,
     full_data: Collection[str] = (),
+    bootstrapped: Mapping[str, int] | None = None,
 ) -> dict[str, str]:
     """One PNG per observable in ``out_dir``; returns observable name -> file name.
 
     ``groups`` maps 'method n=N' to its repeats' shower files; ``bin_edges`` are the evaluation's
     (from the test file), so the figures and the metrics bin alike; groups in ``full_data``
-    trained on every training shower and are labelled so.
+    trained on every training shower and are labelled so, as are groups with repeats that
+    trained on bootstrap resamples (``bootstrapped``: how many per group).
     """
     config = ObservableConfig()
     reference = read_observables(test_path, config, progress=False)
@@ -49,7 +51,10 @@ def plot_study_observables(
         name: [read_observables(p, config, progress=False) for p in paths]
         for name, paths in groups.items()
     }
-    labels = {name: _label(name, len(runs), name in full_data) for name, runs in samples.items()}
+    labels = {
+        name: group_label(name, len(runs), name in full_data, (bootstrapped or {}).get(name, 0))
+        for name, runs in samples.items()
+    }
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {}
     for obs in observable_list(config):
@@ -75,9 +80,14 @@ def plot_study_observables(
     return files
 
 
-def _label(name: str, repeats: int, full_data: bool) -> str:
+def group_label(name: str, repeats: int, full_data: bool, bootstrapped: int = 0) -> str:
+    """A group's label: 'expert n=1000, mean of 5 (3 bootstrap resamples)'."""
     label = f"{name} (all training showers)" if full_data else name
-    return f"{label}, mean of {repeats}" if repeats > 1 else label
+    if repeats > 1:
+        label = f"{label}, mean of {repeats}"
+    if bootstrapped:
+        label += f" ({bootstrapped} bootstrap resample{'s' if bootstrapped > 1 else ''})"
+    return label
 
 
 def _w1_text(score: dict | None) -> str:

@@ -33,7 +33,7 @@ from calofm.files import atomic_output, check_output_dir, remove_outputs
 from calofm.generation.engine import generate
 from calofm.model.io import load_model
 from calofm.model.transformer import CaloFM
-from calofm.study.figures import FIGURE_DIR, plot_study_observables
+from calofm.study.figures import FIGURE_DIR, group_label, plot_study_observables
 from calofm.training.config import TrainConfig
 from calofm.training.trainer import CHECKPOINT_DIR, SUMMARY_FILE, train
 
@@ -229,6 +229,7 @@ def run_finetune_study(
     candidates: dict[str, Path] = {}
     forgetting: dict[str, dict[str, Path]] = {c: {} for c, _ in config.forgetting}
     identical: dict[str, bool] = {}
+    bootstrapped: dict[str, bool] = {}
     runs = tqdm(config.runs(), desc="study", unit="run")
     for method, n, r in runs:
         name = run_name(method, n, r)
@@ -240,6 +241,7 @@ def run_finetune_study(
         if not _complete(showers, len(incident)):
             _generate_to(model, config.class_name, incident, config, showers)
         candidates[name] = showers
+        bootstrapped[name] = _bootstrapped(run_dir, method)
         for cls, _ in config.forgetting:
             path = run_dir / f"forgetting_{_file_stem(cls)}.h5"
             if not _complete(path, len(forget_incident[cls])):
@@ -273,17 +275,27 @@ def run_finetune_study(
             for cls, m in forget_metrics.items()
         },
         "base_showers_identical": identical,
+        "bootstrapped": bootstrapped,
     }
     groups: dict[str, list[Path]] = {}
+    n_bootstrapped: dict[str, int] = {}
     for method, n, r in config.runs():
-        groups.setdefault(f"{method} n={n}", []).append(candidates[run_name(method, n, r)])
+        group = f"{method} n={n}"
+        groups.setdefault(group, []).append(candidates[run_name(method, n, r)])
+        n_bootstrapped[group] = n_bootstrapped.get(group, 0) + bootstrapped[run_name(method, n, r)]
+    full_data = {f"{m} n={n_pool}" for m in config.methods}
+    summary["labels"] = {
+        g: group_label(g, len(runs), g in full_data, n_bootstrapped[g])
+        for g, runs in groups.items()
+    }
     figures = plot_study_observables(
         config.test_path,
         groups,
         metrics["settings"]["bin_edges"],
         summary["groups"],
         out_dir / FIGURE_DIR,
-        full_data={f"{m} n={n_pool}" for m in config.methods},
+        full_data=full_data,
+        bootstrapped=n_bootstrapped,
     )
     summary["figures"] = {k: f"{FIGURE_DIR}/{v}" for k, v in figures.items()}
     with atomic_output(out_dir / SUMMARY) as tmp:
@@ -309,6 +321,12 @@ def _claim_study_dir(out_dir: Path, settings: str, overwrite: bool) -> None:
             "another --out, or add --overwrite to replace it"
         )
     remove_outputs(out_dir, present)
+
+
+def _bootstrapped(run_dir: Path, method: str) -> bool:
+    """Whether a run trained on a bootstrap resample (its data provenance says so)."""
+    manifest = run_dir / ("manifest.json" if method == "full" else "adapter.json")
+    return bool(json.loads(manifest.read_text())["provenance"]["data"]["bootstrapped"])
 
 
 def _evaluate(reference: str, candidates: dict[str, Path], out: Path, config: StudyConfig) -> dict:
