@@ -15,6 +15,7 @@ import json
 import os
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -265,6 +266,20 @@ def _foreign_partial(partial: Path, signature: str, replace: bool) -> bool:
     return True
 
 
+@contextmanager
+def _new_partial(partial: Path) -> Iterator[h5py.File]:
+    """Create a partial file under a fixed temporary name and rename it once it has its layout
+    and signature, so that a kill during its creation never leaves a partial without them."""
+    new = partial.with_name(partial.name + ".new")
+    try:
+        with h5py.File(new, "w") as f:
+            yield f
+        os.replace(new, partial)
+    except BaseException:
+        new.unlink(missing_ok=True)
+        raise
+
+
 class ShowerWriter:
     """Append showers to a showerdata file in chunks; the file gets its final name on ``finish``.
 
@@ -291,7 +306,7 @@ class ShowerWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if not self.partial.exists():
             vlen = h5py.vlen_dtype(np.dtype("float32"))
-            with h5py.File(self.partial, "w") as f:
+            with _new_partial(self.partial) as f:
                 f.create_dataset("showers", shape=(n_total,), dtype=vlen)
                 f.create_dataset("energies", shape=(n_total, 1), dtype=np.float32)
                 f.create_dataset("directions", shape=(n_total, 3), dtype=np.float32)
@@ -384,7 +399,7 @@ class GettingHighWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.partial.exists():
             return
-        with h5py.File(self.partial, "w") as f:
+        with _new_partial(self.partial) as f:
             g = f.create_group(self.group)
             g.create_dataset("energy", shape=(n_total, 1), dtype=np.float32)
             g.create_dataset(

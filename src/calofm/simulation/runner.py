@@ -14,6 +14,8 @@ import json
 import multiprocessing
 import os
 import signal
+import threading
+import time
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -110,6 +112,15 @@ def init_worker() -> None:
     os.dup2(devnull, 1)
     os.close(devnull)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+
+
+def _exit_with_parent(parent: int) -> None:
+    """A worker whose parent was killed (SIGKILL) would wait for work forever, holding the
+    parent's terminal and memory; it exits instead, once its current chunk is done."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(1)
 
 
 def _simulate_chunk(task: tuple[SimulationRequest, int]) -> SparseShowers:
