@@ -22,6 +22,7 @@ from calofm.data.formats import (
     write_showers,
 )
 from calofm.detector import DetectorConfig
+from calofm.errors import CalofmError
 from calofm.files import atomic_output
 from calofm.model import save_model
 
@@ -244,3 +245,36 @@ def test_quickstart_at_its_smallest_scale_runs_end_to_end_and_reruns_honestly(tm
     assert (out / "quickstart_steps.json").read_text() == records
     assert (out / "report" / "metrics.json").read_bytes() == report
     assert file_info(out / "geant4_reference.h5").detector.material == "G4_W"
+
+
+def test_quickstart_overwrite_recomputes_exactly_the_steps_other_settings_change(tmp_path):
+    from calofm.cli import build_parser
+    from calofm.cli.quickstart import _fingerprints, _plan, _steps
+
+    def plan(records, *options, overwrite=True):
+        args = build_parser().parse_args(["quickstart", "--out", str(tmp_path), *options])
+        steps = _steps(args, tmp_path)
+        prints = _fingerprints(steps, ignore=("--workers",))
+        return _plan(steps, prints, records, overwrite), prints
+
+    _, made = plan({})
+    for name in ("geant4_reference.h5", "geant4_train.h5", "calofm.h5"):
+        (tmp_path / name).write_text("done")
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "training.json").write_text("{}")
+    (tmp_path / "report").mkdir()
+    (tmp_path / "report" / "report.html").write_text("done")
+
+    assert set(plan(made)[0].values()) == {"skip"}
+    assert set(plan(made, "--workers", "7")[0].values()) == {"skip"}  # same showers
+    steps, _ = plan(made, "--train-minutes", "9")  # the model and all that reads it
+    assert steps == {
+        "reference": "skip",
+        "training": "skip",
+        "model": "redo",
+        "generated": "redo",
+        "report": "redo",
+    }
+    assert set(plan(made, "--seed", "4")[0].values()) == {"redo"}
+    with pytest.raises(CalofmError, match="other settings"):
+        plan(made, "-n", "40", overwrite=False)
