@@ -105,14 +105,16 @@ def check_request(request: SimulationRequest) -> str:
 _calorimeter = None  # the worker process's Geant4 set-up, built by its first chunk
 
 
-def init_worker() -> None:
-    """Set up a Geant4 worker process: silence Geant4's banner on stdout, and let Ctrl-C end the
-    worker at once (the parent reports the interruption; finished chunks are already on disk)."""
+def init_worker(parent: int | None = None) -> None:
+    """Set up a Geant4 worker process: silence Geant4's banner on stdout, let Ctrl-C end the
+    worker at once (the parent reports the interruption; finished chunks are already on disk),
+    and end it when ``parent`` (the parent's pid, passed by the parent) is gone."""
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 1)
     os.close(devnull)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
-    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+    if parent is not None:  # the parent's pid, from the parent: it may be gone already
+        threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
 
 
 def _exit_with_parent(parent: int) -> None:
@@ -139,7 +141,10 @@ def _workers(n: int) -> Iterator[ProcessPoolExecutor]:
     """Worker processes; on an error or interruption, queued chunks are dropped and this returns
     at once (a worker still busy with a chunk exits when it is done, before the program ends)."""
     executor = ProcessPoolExecutor(
-        n, mp_context=multiprocessing.get_context("spawn"), initializer=init_worker
+        n,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=init_worker,
+        initargs=(os.getpid(),),
     )
     try:
         yield executor
