@@ -56,7 +56,7 @@ def _finish(argv: list[str], cwd: Path) -> str:
     """Run to the end. A kill that came after the output was complete leaves nothing to resume:
     the rerun then refuses to replace it (no --overwrite), which is what it must do."""
     proc = _calofm(argv, cwd)
-    _, err = proc.communicate(timeout=300)
+    _, err = proc.communicate(timeout=120)
     complete = proc.returncode == 2 and "exists (a complete output)" in err
     assert proc.returncode == 0 or complete, err[-3000:]
     return err
@@ -69,7 +69,7 @@ def _kill_at(argv: list[str], cwd: Path, delay: float, signum: int) -> int:
         proc.wait(timeout=delay)
     except subprocess.TimeoutExpired:
         proc.send_signal(signum)
-    _, err = proc.communicate(timeout=300)
+    _, err = proc.communicate(timeout=120)
     if proc.returncode not in (0, -signum):  # a handled stop: no traceback through calofm's code
         assert not re.search(r'File ".*calofm/', err), err[-3000:]
     return proc.returncode
