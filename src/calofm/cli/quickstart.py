@@ -265,6 +265,8 @@ def _run_step(step: Step, action: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from calofm.files import atomic_output
+
     _check_settings(args)
     out = Path(args.out)
     steps = _steps(args, out)
@@ -290,7 +292,8 @@ def run(args: argparse.Namespace) -> int:
         },
         "floor_classifier_auc": metrics["floor"].get("classifier_auc"),
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    with atomic_output(out / "summary.json") as tmp:
+        tmp.write_text(json.dumps(summary, indent=2) + "\n")
     print(f"\nreport: {report / 'report.html'}\nclassifier AUC (0.5 = indistinguishable):")
     for name, auc in summary["classifier_auc"].items():
         print(f"  {name:10s} {auc:.3f}   (Geant4 floor {summary['floor_classifier_auc']:.3f})")
