@@ -20,7 +20,7 @@ import torch
 from calofm.adapters import AdapterConfig, attach
 from calofm.detector import DetectorConfig
 from calofm.files import atomic_output
-from calofm.generation.engine import decode
+from calofm.generation.engine import N_UNIFORMS, decode
 from calofm.generation.sampler import SamplingConfig
 from calofm.model import CaloFM, preset
 from calofm.tokens import TokenizerConfig
@@ -36,7 +36,7 @@ CASES = [
 
 def tokens_per_s(model: CaloFM, classes: list[str], batch: int, steps: int) -> float:
     ids = torch.tensor([model.class_index(classes[i % len(classes)]) for i in range(batch)])
-    uniforms = torch.from_numpy(np.random.default_rng(0).random((batch, steps + 1, 2)))
+    uniforms = torch.from_numpy(np.random.default_rng(0).random((batch, steps + 1, N_UNIFORMS)))
     sampling = SamplingConfig(1.0, None, None, None)
     start = time.perf_counter()
     out = decode(model, torch.zeros(batch), ids, sampling, steps, uniforms)

@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import make_toy_showers
 from test_kv_cache import assert_steps_match
+from test_model import largest_change
 
 from calofm.adapters import (
     AdapterConfig,
@@ -148,7 +149,7 @@ def test_adapted_rows_really_change():
     before = logits(model, ["G4_W:gamma"] * 2)
     trained(model, W_ELECTRON)
     after = logits(model, ["G4_W:e-"] * 2)
-    assert all((a - b).abs().max() > 1e-2 for a, b in zip(after, before, strict=True))
+    assert all(largest_change(a, b) > 1e-2 for a, b in zip(after, before, strict=True))
 
 
 def test_disabling_switches_lora_heads_and_bottlenecks_off_and_detaching_restores_the_base():
@@ -251,8 +252,11 @@ def test_conditioning_biases_the_layers_of_its_class_only():
     spatial = logits(model, ["G4_Pb:gamma"] * 2)[0]
     layer = torch.tensor(DET.voxel_to_lxy(np.arange(DET.n_voxels))[0])
     shift = spatial - before["G4_Pb:gamma"][0]
-    torch.testing.assert_close(shift[..., : DET.n_voxels], bias[layer].expand_as(shift[..., :-3]))
-    assert torch.all(shift[..., DET.n_voxels :] == 0)  # SOS, EOS, PAD get no bias
+    # Every voxel moves by its layer's bias, up to one normalising constant per position that
+    # end-of-sequence (no bias) moves by too (zero for a flat head's raw logits).
+    constant = shift[..., TOKENS.spatial_eos : TOKENS.spatial_eos + 1]
+    want = (bias[layer] + constant).expand_as(shift[..., : DET.n_voxels])
+    torch.testing.assert_close(shift[..., : DET.n_voxels], want)
     assert_equal(logits(model, ["G4_Ta:gamma"] * 2), before["G4_Ta:gamma"])
     # the layer-embedding shift reaches the logits and gets gradients from the loss
     s, e, inc = tokens(2)
@@ -336,8 +340,10 @@ def test_save_load_round_trip_reproduces_every_class_exactly(tmp_path):
     assert manifest["config"]["rank"] == 4 and manifest["lora_scale"] == pytest.approx(4.0)
     assert manifest["base_weights_sha256"] == base_manifest["weights_sha256"]
     counts = registry(model).adapters["G4_W:e-"].counts()
-    d, n = DET.n_voxels + 3, model.config.n_blocks
-    heads = (d + TOKENS.energy_vocab) * (model.config.d_model + 1)
+    n = model.config.n_blocks
+    base_heads = [model.spatial_head.base, model.energy_head]
+    heads = sum(p.numel() for head in base_heads for p in head.parameters(recurse=True))
+    heads -= sum(p.numel() for p in model.energy_head.particle.parameters())
     assert counts["heads"] == heads and counts["lora"] == n * 4 * 2 * 4 * model.config.d_model
     assert manifest["n_parameters"] == counts
     assert read_manifest(pb_e)["stacked_on"] == [
@@ -452,6 +458,7 @@ def test_one_generate_call_mixes_base_and_adapted_classes():
     # classes' showers differ, so a row routed to another class's expert or heads is caught.
     energies = np.array([1.5, 2, 3, 4, 4.5])
     rows_of = {c: [i for i, x in enumerate(classes) if x == c] for c in out}
+    told_apart = 0
     for c, rows in rows_of.items():
         for k, i in enumerate(rows):
             alone = generate(model, c, energies[i : i + 1], seed=0, max_hits=20, first_row=i)[0]
@@ -461,7 +468,15 @@ def test_one_generate_call_mixes_base_and_adapted_classes():
             others = [x for x in out if x != c]
             for other in others:
                 wrong = generate(model, other, energies[i : i + 1], seed=0, max_hits=20, first_row=i)
-                assert not np.array_equal(wrong[0][other].voxels, mixed.voxels), (c, other)
+                w = wrong[0][other]
+                if mixed.n_hits[0] < 2:  # an empty or one-hit shower may well be the same
+                    continue
+                same = np.array_equal(w.voxels, mixed.voxels) and np.array_equal(
+                    w.energies, mixed.energies
+                )
+                assert not same, (c, other)
+                told_apart += 1
+    assert told_apart >= 4
 
 
 def test_an_interrupted_stage_resumes_to_the_same_adapter(tmp_path):

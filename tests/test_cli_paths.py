@@ -77,7 +77,7 @@ def test_generate_with_an_adapter_samples_the_adapted_class(tmp_path):
 
 
 def test_generate_unique_voxels_writes_showers_without_merged_duplicates(tmp_path):
-    model = tiny_model()
+    model = tiny_model(paper_design=True)  # duplicates possible unless --unique-voxels
     with torch.no_grad():  # a few voxels far likelier than the rest: repeats are common
         model.spatial_head.bias[:5] += 8.0
     model_dir = save_model(model, tmp_path / "model", {})

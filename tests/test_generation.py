@@ -88,8 +88,9 @@ def test_bad_sampling_settings_are_rejected(kwargs):
 
 
 def biased_model(spatial: dict | None = None, energy: dict | None = None) -> CaloFM:
-    """A tiny model whose head biases push tokens up or down; keys: an id or 'sos', 'eos', 'pad'."""
-    model = tiny_model()
+    """A tiny flat-head model whose head biases push tokens up or down; keys: an id or 'sos',
+    'eos', 'pad'. The paper's design: duplicates are possible and merged."""
+    model = tiny_model(paper_design=True)
     tok = model.tokenizer
     with torch.no_grad():
         for head, bias, prefix in (
@@ -234,7 +235,7 @@ def test_a_model_that_overfits_a_few_showers_reproduces_their_statistics():
 
 
 def test_unique_voxels_never_repeats_a_voxel_within_a_shower():
-    model = tiny_model()
+    model = tiny_model(paper_design=True)
     with torch.no_grad():  # make a few voxels far likelier than the rest, so repeats are common
         model.spatial_head.bias[:5] += 8.0
     cls = model.classes[0]
@@ -251,7 +252,7 @@ def test_dynamic_temperature_changes_at_every_decoding_step():
     P(EOS at step k) = 1 / (1 + (27000 - k) exp(-20 / T_k)) with unique voxels. Cooling from 8 to
     0.5 over 40 steps ends showers after 30.4 hits on average with a spread of 3.9; any one
     temperature for the whole shower gives a spread of 13 or more (or no hits at all)."""
-    model = tiny_model()
+    model = tiny_model(paper_design=True)
     tok = model.tokenizer
     with torch.no_grad():
         for head in (model.spatial_head, model.energy_head):

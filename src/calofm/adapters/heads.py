@@ -1,27 +1,31 @@
-"""Output heads with per-particle replacements and per-class biases of the spatial logits by layer.
+"""Output heads with per-particle replacements and per-class biases of the voxel logits by layer.
 
-A particle head is a full copy of the base head, trained for that particle's rows (the heads are
-what tells voxels and energy bins apart, and a new particle fills them differently). Rows of
-particles without their own head use the base head; a batch without any adapted row takes the
-plain base path, bit-identical to the base model.
+A particle head is a full copy of the base head (for a factorised voxel head: of all its sub-heads),
+trained for that particle's rows (the heads are what tells voxels and energy bins apart, and a new
+particle fills them differently). Rows of particles without their own head use the base head; a
+batch without any adapted row takes the plain base path, bit-identical to the base model.
 """
 
 from __future__ import annotations
+
+import copy
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from calofm.adapters.rows import active, add_rows
+from calofm.adapters.rows import active
 from calofm.errors import CalofmError
 from calofm.model.experts import RoutedLinear, Routing
+from calofm.model.heads import VoxelHead
 from calofm.model.transformer import CaloFM
 
 HEADS = ("spatial_head", "energy_head")
 
 
 class ParticleHead(nn.Linear):
-    """A particle's own head, initialised as a copy of the base head."""
+    """A particle's own energy head, initialised as a copy of the base head."""
 
     def __init__(self, base: nn.Linear):
         nn.Module.__init__(self)  # no random init: the weights are the base head's
@@ -31,8 +35,17 @@ class ParticleHead(nn.Linear):
         self.enabled = True
 
 
+def particle_voxel_head(base: VoxelHead) -> VoxelHead:
+    """A particle's own voxel head: a copy of the base head with its own parameters."""
+    head = copy.deepcopy(base)
+    for p in head.parameters():
+        p.data = p.data.clone()
+    head.enabled = True
+    return head
+
+
 class LayerLogitBias(nn.Module):
-    """One class's bias of the spatial logits, one value per layer (zero to start).
+    """One class's bias of the voxel logits, one value per layer (zero to start).
 
     It moves the class's hits between layers directly; the special tokens get no bias.
     """
@@ -42,21 +55,15 @@ class LayerLogitBias(nn.Module):
         self.bias = nn.Parameter(torch.zeros(n_layers))
         self.enabled = True
 
-    def forward(self, layer_of_token: torch.Tensor) -> torch.Tensor:
-        """(V,) bias per spatial token; ``layer_of_token`` is n_layers for the special tokens."""
-        return F.pad(self.bias, (0, 1))[layer_of_token]
-
 
 class RoutedHead(RoutedLinear):
-    """The base head (the same parameters) plus particle heads and per-class layer biases."""
+    """The base energy head (the same parameters) plus particle heads."""
 
-    def __init__(self, base: RoutedLinear, layer_of_token: torch.Tensor | None):
+    def __init__(self, base: RoutedLinear):
         nn.Module.__init__(self)
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias
         self.particle = nn.ModuleDict()
-        self.layer_bias = nn.ModuleDict()
-        self.register_buffer("layer_of_token", layer_of_token, persistent=False)
 
     def _base(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
@@ -65,56 +72,153 @@ class RoutedHead(RoutedLinear):
         if routing is None:
             return self._base(x)
         heads = dict(active(routing.by_particle, self.particle))
-        if heads:
-            y = routing.by_particle.apply(
-                x, lambda p, xr: self.particle[p](xr) if p in heads else self._base(xr)
-            )
-        else:
-            y = self._base(x)
-        for name, rows in active(routing.by_class, self.layer_bias, routing.classes):
-            bias = self.layer_bias[name](self.layer_of_token).to(y.dtype)
-            n = len(y) if rows is None else len(rows)
-            y = add_rows(y, rows, bias.expand(n, *y.shape[1:]))
-        return y
+        if not heads:
+            return self._base(x)
+        return routing.by_particle.apply(
+            x, lambda p, xr: self.particle[p](xr) if p in heads else self._base(xr)
+        )
 
 
-def routed_head(model: CaloFM, name: str) -> RoutedHead:
-    """The model's head ``name``, wrapped in a RoutedHead on first use."""
-    head = getattr(model, name)
-    if not isinstance(head, RoutedHead):
-        layers = model.geometry[:, 0].clone() if name == "spatial_head" else None
-        head = RoutedHead(head, layers)
-        setattr(model, name, head)
-    return head
+class RoutedVoxelHead(nn.Module):
+    """The base voxel head plus particle heads and per-class layer biases, rows routed to each.
+
+    The base head's parameters and sub-modules are registered here under their own names, so the
+    model's base tensors keep their names (and their hash) when the head is wrapped.
+    """
+
+    def __init__(self, base: VoxelHead, n_layers: int):
+        super().__init__()
+        self._base = (base,)  # a tuple: not a sub-module, its tensors are registered below
+        for name, param in base.named_parameters(recurse=False):
+            self.register_parameter(name, param)
+        for name, module in base.named_children():
+            self.add_module(name, module)
+        self.n_layers = n_layers
+        self.particle = nn.ModuleDict()
+        self.layer_bias = nn.ModuleDict()
+
+    @property
+    def base(self) -> VoxelHead:
+        return self._base[0]
+
+    def _layer_bias(self, routing: Routing | None) -> torch.Tensor | None:
+        """(B, layers) bias of each row's class, or None when no class of the batch has one."""
+        if routing is None:
+            return None
+        found = active(routing.by_class, self.layer_bias, routing.classes)
+        if not found:
+            return None
+        ref = next(iter(self.layer_bias.values())).bias
+        bias = torch.zeros(len(routing), self.n_layers, dtype=ref.dtype, device=ref.device)
+        for name, rows in found:
+            if rows is None:
+                bias = bias + self.layer_bias[name].bias
+            else:
+                bias = bias.index_copy(0, rows, self.layer_bias[name].bias.expand(len(rows), -1))
+        return bias
+
+    def _routed(
+        self,
+        routing: Routing | None,
+        fn: Callable[..., torch.Tensor],
+        *tensors: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """``fn(head, *rows of tensors)`` with each particle's rows on its head."""
+        heads = {} if routing is None else dict(active(routing.by_particle, self.particle))
+        if not heads:
+            return fn(self.base, *tensors)
+        return routing.by_particle.apply_many(
+            lambda p, *parts: fn(self.particle[p] if p in heads else self.base, *parts), *tensors
+        )
+
+    def scores(
+        self,
+        h: torch.Tensor,
+        layer_bias: torch.Tensor | None = None,
+        routing: Routing | None = None,
+    ) -> torch.Tensor:
+        return self._routed(
+            routing, lambda head, h, bias: head.scores(h, bias), h, self._layer_bias(routing)
+        )
+
+    def log_prob(
+        self,
+        h: torch.Tensor,
+        target: torch.Tensor,
+        history: torch.Tensor | None = None,
+        layer_bias: torch.Tensor | None = None,
+        routing: Routing | None = None,
+    ) -> torch.Tensor:
+        return self._routed(
+            routing,
+            lambda head, h, t, hist, bias: head.log_prob(h, t, hist, bias),
+            h,
+            target,
+            history,
+            self._layer_bias(routing),
+        )
+
+    def sample(
+        self,
+        h: torch.Tensor,
+        u: torch.Tensor | None,
+        used: torch.Tensor | None,
+        temperature: float,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        layer_bias: torch.Tensor | None = None,
+        routing: Routing | None = None,
+    ) -> torch.Tensor:
+        return self._routed(
+            routing,
+            lambda head, h, u, used, bias: head.sample(h, u, used, temperature, top_k, top_p, bias),
+            h,
+            u,
+            used,
+            self._layer_bias(routing),
+        )
+
+    def never_end(self) -> None:
+        self.base.never_end()
+
+
+def routed_energy_head(model: CaloFM) -> RoutedHead:
+    if not isinstance(model.energy_head, RoutedHead):
+        model.energy_head = RoutedHead(model.energy_head)
+    return model.energy_head
+
+
+def routed_voxel_head(model: CaloFM) -> RoutedVoxelHead:
+    if not isinstance(model.spatial_head, RoutedVoxelHead):
+        model.spatial_head = RoutedVoxelHead(model.spatial_head, model.detector.n_layers)
+    return model.spatial_head
 
 
 def add_particle_heads(model: CaloFM, particle: str) -> dict[str, nn.Module]:
-    out: dict[str, nn.Module] = {}
-    for name in HEADS:
-        head = routed_head(model, name)
-        if particle in head.particle:
-            raise CalofmError(f"model already has heads for particle {particle}")
-        head.particle[particle] = ParticleHead(head)
-        out[name] = head.particle[particle]
-    return out
+    spatial, energy = routed_voxel_head(model), routed_energy_head(model)
+    if particle in spatial.particle or particle in energy.particle:
+        raise CalofmError(f"model already has heads for particle {particle}")
+    spatial.particle[particle] = particle_voxel_head(spatial.base)
+    energy.particle[particle] = ParticleHead(energy)
+    return {"spatial_head": spatial.particle[particle], "energy_head": energy.particle[particle]}
 
 
 def remove_particle_heads(model: CaloFM, particle: str) -> None:
-    for name in HEADS:
-        head = getattr(model, name)
-        if isinstance(head, RoutedHead) and particle in head.particle:
+    for head in (model.spatial_head, model.energy_head):
+        if isinstance(head, RoutedHead | RoutedVoxelHead) and particle in head.particle:
             del head.particle[particle]
 
 
 def add_layer_logit_bias(model: CaloFM, class_name: str) -> nn.Module:
-    head = routed_head(model, "spatial_head")
+    head = routed_voxel_head(model)
     if class_name in head.layer_bias:
         raise CalofmError(f"model already has a layer bias for class {class_name}")
-    head.layer_bias[class_name] = LayerLogitBias(model.detector.n_layers).to(head.weight)
+    ref = model.energy_head.weight
+    head.layer_bias[class_name] = LayerLogitBias(model.detector.n_layers).to(ref)
     return head.layer_bias[class_name]
 
 
 def remove_layer_logit_bias(model: CaloFM, class_name: str) -> None:
     head = model.spatial_head
-    if isinstance(head, RoutedHead) and class_name in head.layer_bias:
+    if isinstance(head, RoutedVoxelHead) and class_name in head.layer_bias:
         del head.layer_bias[class_name]

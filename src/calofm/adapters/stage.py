@@ -67,7 +67,7 @@ def class_probe(model: CaloFM, classes: list[str]) -> list[torch.Tensor]:
     energy = torch.randint(0, tok.energy_sos, (2, PROBE_TOKENS), generator=g)
     spatial[:, 0], energy[:, 0] = tok.spatial_sos, tok.energy_sos
     incident = torch.rand(2, generator=g) * 2 - 1
-    dev = model.spatial_head.weight.device
+    dev = model.energy_head.weight.device
     was_training = model.training
     model.eval()
     out = []

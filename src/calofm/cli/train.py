@@ -37,6 +37,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "files or classes; PATH may be a glob (quote it)",
     )
     p.add_argument("--preset", default="small", help="model size: paper, small or tiny")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one model option of the preset, e.g. voxel_head=flat or "
+        "falling_energy=false (repeatable; the options are ModelConfig's fields)",
+    )
     p.add_argument("--out", required=True, metavar="MODEL_DIR", help="output model directory")
     budget = p.add_argument_group("budget (training stops at the first one reached)")
     budget.add_argument("--epochs", type=positive_int)
@@ -86,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
 
     from calofm.cli._rundir import plan_run_dir
     from calofm.errors import CalofmError
-    from calofm.model import CaloFM, preset
+    from calofm.model import CaloFM, preset, with_overrides
     from calofm.model.io import MANIFEST_FILE, WEIGHTS_FILE
     from calofm.tokens import Tokenizer
     from calofm.training import distributed
@@ -94,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
     from calofm.training.data import build_datasets, fit_tokenizer, load_classes, parse_data_specs
     from calofm.training.trainer import train
 
-    model_config = preset(args.preset)
+    model_config = with_overrides(preset(args.preset), args.set)
     defaults = preset_defaults(args.preset)
     specs = parse_data_specs(args.data)
     if args.incident_range and args.incident_range[0] >= args.incident_range[1]:
@@ -155,6 +163,7 @@ def run(args: argparse.Namespace) -> int:
         provenance = {
             "command": " ".join(["calofm", *sys.argv[1:]]),
             "preset": args.preset,
+            "model_overrides": args.set,
             "seed": args.seed,
             "data": {c.name: c.selection.provenance for c in classes},
         }

@@ -29,7 +29,7 @@ import torch
 
 from calofm import __version__
 from calofm.detector import DetectorConfig
-from calofm.generation.engine import decode, next_tokens
+from calofm.generation.engine import N_UNIFORMS, decode
 from calofm.generation.sampler import SamplingConfig
 from calofm.model.config import preset
 from calofm.model.transformer import CaloFM
@@ -111,8 +111,8 @@ def bench_model(config_name: str, n_classes: int, n_bins: int | None) -> CaloFM:
     )
     classes = [f"G4_M{i}:gamma" for i in range(n_classes)]
     model = CaloFM(preset(config_name), tok, det, classes).eval()
+    model.spatial_head.never_end()
     with torch.no_grad():
-        model.spatial_head.bias[tok.spatial_eos] = -1e9
         model.energy_head.bias[tok.energy_eos] = -1e9
     return model
 
@@ -131,26 +131,38 @@ class StepRunner:
         self.incident = torch.rand(batch, generator=g) * 2 - 1
         cid = torch.zeros(batch, dtype=torch.long) if class_id is None else class_id
         self.routing = model.routing(cid)
-        self.u = torch.rand(batch, 2, dtype=torch.float64, generator=g)
+        self.u = torch.rand(batch, N_UNIFORMS, dtype=torch.float64, generator=g)
         self.sampling = SamplingConfig()
         self.max_len = max_len
 
-    def _sample(self, ls: torch.Tensor, le: torch.Tensor) -> None:
-        s, e = next_tokens(self.model, ls[:, -1], le[:, -1], self.u, 1.0, self.sampling)
+    def _sample(self, h: torch.Tensor, prefix: int) -> None:
+        """Both tokens from the last block's output ``h`` (B, 1, d), and the stop check."""
+        s, e = self.model.next_tokens(
+            h[:, -1], self.routing, self.u, None, self.energy[:, prefix], 1.0
+        )
         done = (s == self.model.tokenizer.spatial_eos) | (e == self.model.tokenizer.energy_eos)
         bool(done.all())
+
+    def setup_cache(self) -> None:
+        """A fresh cache, its conditions set by a first step (later steps' timings reuse it)."""
+        self.model.setup_cache(self.batch, self.max_len + 1)
+        with torch.no_grad():
+            self.model.hidden_states(
+                self.spatial[:, :1], self.energy[:, :1], self.incident, self.routing, start=0
+            )
 
     def kv(self, prefix: int) -> Callable[[], None]:
         """The step that feeds token ``prefix`` against a cache holding tokens 0..prefix-1."""
         cache = self.model.blocks[0].attn.kv_cache
         if cache is None or cache.k.shape[0] != self.batch or cache.max_len != self.max_len + 2:
-            self.model.setup_cache(self.batch, self.max_len + 1)
+            self.setup_cache()
         s, e = self.spatial[:, prefix : prefix + 1], self.energy[:, prefix : prefix + 1]
         inc = self.incident if prefix == 0 else None
 
         def step() -> None:
             with torch.no_grad():
-                self._sample(*self.model.forward_step(s, e, prefix, self.routing, inc))
+                h = self.model.hidden_states(s, e, inc, self.routing, start=prefix)[-1]
+                self._sample(h, prefix)
 
         return step
 
@@ -162,7 +174,7 @@ class StepRunner:
         def step() -> None:
             with torch.no_grad():
                 h = self.model.hidden_states(s, e, self.incident, self.routing)[-1][:, -1:]
-                self._sample(*self.model.logits(h, self.routing))
+                self._sample(h, prefix)
 
         return step
 
@@ -250,7 +262,7 @@ def run_benchmark(settings: BenchSettings, log: Callable[[str], None] = lambda _
 
     b, n = s.full_run
     log(f"full KV decode: batch {b}, {n} tokens")
-    u = torch.from_numpy(np.random.default_rng(0).random((b, n + 1, 2)))
+    u = torch.from_numpy(np.random.default_rng(0).random((b, n + 1, N_UNIFORMS)))
     t0, wall0 = clock(), time.perf_counter()
     out = decode(model, torch.zeros(b), torch.zeros(b, dtype=torch.long), SamplingConfig(), n, u)
     measured, wall = clock() - t0, time.perf_counter() - wall0
@@ -274,18 +286,16 @@ def run_benchmark(settings: BenchSettings, log: Callable[[str], None] = lambda _
 def _sampling_share(runner: StepRunner, prefix: int, repeats: int) -> dict:
     """Seconds of the KV step at ``prefix`` spent in the model and in sampling both heads."""
     model = runner.model
-    model.setup_cache(runner.batch, runner.max_len + 1)
+    runner.setup_cache()
     s, e = runner.spatial[:, prefix : prefix + 1], runner.energy[:, prefix : prefix + 1]
     with torch.no_grad():
 
         def forward():
-            return model.forward_step(s, e, prefix, runner.routing)
+            return model.hidden_states(s, e, None, runner.routing, start=prefix)[-1]
 
         t_model = _median_time(forward, repeats)
-        ls, le = forward()
-        t_sample = _median_time(
-            lambda: runner._sample(ls.clone(), le.clone()), repeats
-        ) - _median_time(lambda: (ls.clone(), le.clone()), repeats)
+        h = forward()
+        t_sample = _median_time(lambda: runner._sample(h, prefix), repeats)
     model.clear_cache()
     return {
         "prefix": prefix,

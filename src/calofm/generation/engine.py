@@ -6,8 +6,8 @@ being computed but its tokens are no longer recorded, so every decode step has t
 ``max_hits`` hits: a shower that reaches ``max_hits`` hits without EOS keeps those hits and is
 counted as truncated in the statistics (never silently cut).
 
-Reproducibility: row ``r`` (counted from ``first_row``) draws all its randomness (one uniform per
-head per step, and the energies inside their bins) from its own stream
+Reproducibility: row ``r`` (counted from ``first_row``) draws all its randomness (four uniforms
+per step, and the energies inside their bins) from its own stream
 ``seeded_rng(seed, ROWS, r)``, so a shower depends on the seed and its row number, not on the
 batch size or the other rows (up to float round-off in batched matrix products).
 """
@@ -23,7 +23,8 @@ import torch
 
 from calofm.data.showers import SparseShowers, concatenate
 from calofm.errors import CalofmError
-from calofm.generation.sampler import SamplingConfig, sample
+from calofm.generation.sampler import SamplingConfig
+from calofm.model.conditions import Conditions
 from calofm.model.config import parse_class
 from calofm.model.transformer import CaloFM
 from calofm.tokens import Tokenizer
@@ -50,25 +51,8 @@ class DecodedBatch:
     steps: int  # decode steps run
 
 
-def next_tokens(
-    model: CaloFM,
-    spatial_logits: torch.Tensor,
-    energy_logits: torch.Tensor,
-    u: torch.Tensor | None,
-    temperature: float,
-    sampling: SamplingConfig,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Draw the next (voxel, energy bin) per row from (B, V) logits; SOS and PAD can never come out.
-
-    The logits are overwritten. ``u`` (B, 2) holds the rows' uniforms for this step.
-    """
-    tok = model.tokenizer
-    spatial_logits[:, [tok.spatial_sos, tok.spatial_pad]] = float("-inf")
-    energy_logits[:, [tok.energy_sos, tok.energy_pad]] = float("-inf")
-    k, p = sampling.top_k, sampling.top_p
-    s = sample(spatial_logits, None if u is None else u[:, 0], temperature, k, p)
-    e = sample(energy_logits, None if u is None else u[:, 1], temperature, k, p)
-    return s, e
+# Uniforms per row and decode step: layer, x, y (a flat voxel head uses the first) and energy.
+N_UNIFORMS = 4
 
 
 @torch.no_grad()
@@ -83,46 +67,54 @@ def decode(
 ) -> DecodedBatch:
     """Generate one batch of token sequences.
 
-    ``incident`` (B,) is the scaled incident energy, ``uniforms`` (B, max_hits + 1, 2) float64
-    (None for greedy decoding). ``use_cache=False`` recomputes the whole prefix at every step
-    (the reference for tests and benchmarks; only the last position goes through the heads).
+    ``incident`` (B,) is the scaled incident energy, ``uniforms`` (B, max_hits + 1, N_UNIFORMS)
+    float64 (None for greedy decoding). ``use_cache=False`` recomputes the whole prefix at every
+    step (the reference for tests and benchmarks; only the last position goes through the heads).
+    A voxel is never drawn twice when the model was trained so (``exclude_used_voxels``) or when
+    ``sampling.unique_voxels`` asks for it.
     """
     tok = model.tokenizer
     b, dev = len(incident), incident.device
     routing = model.routing(class_id)
+    cond = Conditions(incident)
     seq_s = torch.full((b, max_hits + 1), tok.spatial_pad, dtype=torch.long, device=dev)
     seq_e = torch.full((b, max_hits + 1), tok.energy_pad, dtype=torch.long, device=dev)
     seq_s[:, 0], seq_e[:, 0] = tok.spatial_sos, tok.energy_sos
     done = torch.zeros(b, dtype=torch.bool, device=dev)
     n_hits = torch.zeros(b, dtype=torch.long, device=dev)
     rows = torch.arange(b, device=dev)
-    used = torch.zeros(b, tok.n_voxels, dtype=torch.bool, device=dev)
+    unique = model.config.exclude_used_voxels or sampling.unique_voxels
+    used = torch.zeros(b, tok.n_voxels, dtype=torch.bool, device=dev) if unique else None
 
-    def step_logits(start: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def last_hidden(step: int) -> torch.Tensor:
         if use_cache:
-            s, e = seq_s[:, start : start + 1], seq_e[:, start : start + 1]
-            ls, le = model.forward_step(s, e, start, routing, incident if start == 0 else None)
+            s, e = seq_s[:, step : step + 1], seq_e[:, step : step + 1]
+            h = model.hidden_states(s, e, cond if step == 0 else None, routing, start=step)
         else:
-            h = model.hidden_states(seq_s[:, : start + 1], seq_e[:, : start + 1], incident, routing)
-            ls, le = model.logits(h[-1][:, -1:], routing)
-        return ls[:, -1], le[:, -1]
+            h = model.hidden_states(seq_s[:, : step + 1], seq_e[:, : step + 1], cond, routing)
+        return h[-1][:, -1]
 
     if use_cache:
         model.setup_cache(b, max_hits + 1, device=dev)
     try:
         steps = 0
         for step in range(max_hits + 1):
-            ls, le = step_logits(step)
-            if sampling.unique_voxels:
-                ls[:, : tok.n_voxels].masked_fill_(used, float("-inf"))
+            h = last_hidden(step)
             steps += 1
-            temperature = sampling.temperature_at(step, max_hits)
-            u = None if uniforms is None else uniforms[:, step]
-            s, e = next_tokens(model, ls, le, u, temperature, sampling)
+            s, e = model.next_tokens(
+                h,
+                routing,
+                None if uniforms is None else uniforms[:, step],
+                used,
+                seq_e[:, step],
+                sampling.temperature_at(step, max_hits),
+                sampling.top_k,
+                sampling.top_p,
+            )
             done |= (s == tok.spatial_eos) | (e == tok.energy_eos)
             if step == max_hits or bool(done.all()):
                 break
-            if sampling.unique_voxels:
+            if used is not None:
                 used[rows, s.clamp(max=tok.n_voxels - 1)] |= ~done
             seq_s[:, step + 1] = torch.where(done, tok.spatial_pad, s)
             seq_e[:, step + 1] = torch.where(done, tok.energy_pad, e)
@@ -187,7 +179,7 @@ def generate(
     sampling = SamplingConfig(temperature, dynamic_temperature, top_k, top_p, unique_voxels)
     if device is not None:
         model.to(device)
-    dev = model.spatial_head.weight.device
+    dev = model.energy_head.weight.device
     model.eval()
     tokenizer = Tokenizer(model.tokenizer)
     scaled = tokenizer.scale_incident(incident_gev)
@@ -201,7 +193,7 @@ def generate(
         rngs = [seeded_rng(seed, ROWS, first_row + r) for r in rows]
         uniforms = None
         if not sampling.greedy:
-            draws = np.stack([g.random((max_hits + 1, 2)) for g in rngs])
+            draws = np.stack([g.random((max_hits + 1, N_UNIFORMS)) for g in rngs])
             uniforms = torch.from_numpy(draws).to(dev)
         out = decode(
             model,

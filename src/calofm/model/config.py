@@ -6,9 +6,11 @@ every block holds one expert per class.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from calofm.errors import CalofmError
+
+VOXEL_HEADS = ("flat", "factorised")
 
 
 @dataclass(frozen=True)
@@ -21,6 +23,12 @@ class ModelConfig:
     ffn_mult: int = 2
     rope_fraction: float = 0.5  # share of each head's dimensions rotated by RoPE
     rope_base: float = 1000.0
+    # What the model knows and how it predicts (defaults: the paper's design; see PRESETS).
+    voxel_head: str = "flat"  # "flat": one logit per voxel; "factorised": layer, then x, then y
+    condition_every_position: bool = False  # conditions added to every position, not only prepended
+    shower_state: bool = False  # every position sees the energy deposited so far and the hit count
+    exclude_used_voxels: bool = False  # a voxel is used once: in the loss and in sampling
+    falling_energy: bool = False  # the next energy bin is never above the previous one
 
     def __post_init__(self) -> None:
         if self.d_model <= 0 or self.n_heads <= 0 or self.n_blocks <= 0 or self.ffn_mult <= 0:
@@ -36,6 +44,10 @@ class ModelConfig:
             )
         if self.rope_base <= 1:
             raise CalofmError("model: rope_base must be above 1")
+        if self.voxel_head not in VOXEL_HEADS:
+            raise CalofmError(
+                f"model: unknown voxel head {self.voxel_head!r}; choose one of {VOXEL_HEADS}"
+            )
 
     @property
     def head_dim(self) -> int:
@@ -61,13 +73,22 @@ class ModelConfig:
         return cls(**d)
 
 
+# The design that fits a CPU budget best (benchmarks/bench_fidelity.py; docs/results.md).
+DESIGN = dict(
+    voxel_head="factorised",
+    condition_every_position=True,
+    shower_state=True,
+    exclude_used_voxels=True,
+    falling_energy=True,
+)
+
 PRESETS: dict[str, ModelConfig] = {
     # The paper's sizes: width 256, 8 heads of 32, 1 cross + 2 self-attention blocks, FFN 256->512.
     "paper": ModelConfig(d_model=256, n_heads=8, n_blocks=3, ffn_mult=2),
     # Trainable on 2 CPU cores within an hour; the two vocabularies dominate the cost.
-    "small": ModelConfig(d_model=128, n_heads=4, n_blocks=3, ffn_mult=2),
-    # For tests: every code path, a few milliseconds per step.
-    "tiny": ModelConfig(d_model=32, n_heads=2, n_blocks=2, ffn_mult=2),
+    "small": ModelConfig(d_model=128, n_heads=4, n_blocks=3, ffn_mult=2, **DESIGN),
+    # For tests: every code path of the small preset, a few milliseconds per step.
+    "tiny": ModelConfig(d_model=32, n_heads=2, n_blocks=2, ffn_mult=2, **DESIGN),
 }
 
 
@@ -75,6 +96,30 @@ def preset(name: str) -> ModelConfig:
     if name not in PRESETS:
         raise CalofmError(f"model: unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
     return PRESETS[name]
+
+
+def with_overrides(config: ModelConfig, settings: list[str]) -> ModelConfig:
+    """``config`` with ``["KEY=VALUE", ...]`` applied, each value parsed as its field's type."""
+    changes: dict[str, object] = {}
+    for item in settings:
+        key, sep, value = item.partition("=")
+        field = ModelConfig.__dataclass_fields__.get(key.strip())
+        if not sep or field is None:
+            raise CalofmError(
+                f"model: cannot set {item!r}; use KEY=VALUE with KEY one of "
+                f"{', '.join(ModelConfig.__dataclass_fields__)}"
+            )
+        kind, value = field.type, value.strip()
+        try:
+            if kind == "bool":
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(value)
+                changes[field.name] = value.lower() in ("true", "1", "yes")
+            else:
+                changes[field.name] = {"int": int, "float": float, "str": str}[kind](value)
+        except ValueError:
+            raise CalofmError(f"model: {key} takes a {kind}, got {value!r}") from None
+    return replace(config, **changes)
 
 
 def class_name(material: str, particle: str) -> str:

@@ -44,10 +44,18 @@ class RowGroups:
         self, x: torch.Tensor, fn: Callable[[Hashable, torch.Tensor], torch.Tensor]
     ) -> torch.Tensor:
         """``fn(key, rows of x)`` for every group; results back in the row order of ``x``."""
+        return self.apply_many(fn, x)
+
+    def apply_many(
+        self, fn: Callable[..., torch.Tensor], *tensors: torch.Tensor | None
+    ) -> torch.Tensor:
+        """``fn(key, rows of each tensor...)`` for every group (None stays None); results back in
+        row order."""
         if self.rows is None:
-            return fn(self.keys[0], x)
+            return fn(self.keys[0], *tensors)
         parts = [
-            fn(key, x.index_select(0, rows)) for key, rows in zip(self.keys, self.rows, strict=True)
+            fn(key, *(None if t is None else t.index_select(0, rows) for t in tensors))
+            for key, rows in zip(self.keys, self.rows, strict=True)
         ]
         return torch.cat(parts).index_select(0, self.inverse)
 

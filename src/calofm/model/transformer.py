@@ -9,6 +9,12 @@ next energy bin from the same hidden state.
 Each spatial token also carries its voxel's (layer, x, y) through three learned embeddings, so the
 model knows a voxel's depth and transverse position even for voxels it has rarely seen; the
 special tokens use an extra index of each table.
+
+Options of ``ModelConfig`` beyond the paper's design: the conditions (``Conditions``) added to
+every position, not only prepended; the shower's state so far (energy deposited, hits) added to
+every position, derived from the tokens in training and generation alike; a factorised voxel head
+(``calofm.model.heads``); voxels used once and energies that never rise, both in the loss and in
+sampling.
 """
 
 from __future__ import annotations
@@ -22,10 +28,17 @@ from torch import nn
 from calofm.detector import DetectorConfig
 from calofm.errors import CalofmError
 from calofm.model.attention import Attention, RotaryEmbedding
+from calofm.model.conditions import Conditions
 from calofm.model.config import ModelConfig, parse_class
 from calofm.model.experts import EmbeddingHook, Experts, RoutedLinear, Routing
+from calofm.model.heads import voxel_head
 from calofm.model.kv_cache import KVCache
-from calofm.tokens import TokenizerConfig
+from calofm.model.sampling import sample
+from calofm.tokens import Tokenizer, TokenizerConfig
+
+# Scales of the shower-state features (log1p of MeV deposited, log1p of hits so far), so that
+# both are of order one over the showers of a 30-layer ECAL (up to ~2.5 GeV visible, 1800 hits).
+STATE_SCALES = (8.0, 7.5)
 
 
 class Block(nn.Module):
@@ -85,13 +98,30 @@ class CaloFM(nn.Module):
         self.x_embed = nn.Embedding(detector.nx + 1, d)
         self.y_embed = nn.Embedding(detector.ny + 1, d)
         self.register_buffer("geometry", self._geometry_table(), persistent=False)
+        edges = torch.from_numpy(Tokenizer(tokenizer).edges).float()
+        bin_mev = torch.zeros(tokenizer.energy_vocab)
+        bin_mev[: tokenizer.n_bins] = (edges[:-1] + edges[1:]) / 2  # the bins' mean decoded energy
+        self.register_buffer("bin_mev", bin_mev, persistent=False)
+        n_context = (
+            Conditions.N_FEATURES * config.condition_every_position + 2 * config.shower_state
+        )
+        self.context = (
+            nn.Sequential(nn.Linear(n_context, d), nn.GELU(), nn.Linear(d, d))
+            if n_context
+            else None
+        )
+        # Decode-cache state besides the KV cache: the conditions and the energy so far per row.
+        self.cached_conditions: Conditions | None = None
+        self.deposited: torch.Tensor | None = None
         self.embed_hook = EmbeddingHook()  # adapters replace it (per-row embedding adapters)
         self.rope = RotaryEmbedding(config)
         self.blocks = nn.ModuleList(
             Block(config, len(classes), cross=(i == 0)) for i in range(config.n_blocks)
         )
         self.ln_f = nn.LayerNorm(d)
-        self.spatial_head = RoutedLinear(d, tokenizer.spatial_vocab)
+        self.spatial_head = voxel_head(
+            config.voxel_head, d, tokenizer, detector, self.geometry[:, 0].clone()
+        )
         self.energy_head = RoutedLinear(d, tokenizer.energy_vocab)
         self.apply(self._init_weights)
 
@@ -151,13 +181,44 @@ class CaloFM(nn.Module):
 
     # ---- forward -------------------------------------------------------------------------------
 
+    def _context(
+        self, cond: Conditions, energy: torch.Tensor, start: int | None, dtype: torch.dtype
+    ) -> torch.Tensor | None:
+        """(B, t, d) added to every position: the conditions and/or the shower's state so far.
+
+        The state at token k (SOS is token 0) is that of hits 1..k: their count and the energy
+        their bins decode to on average, summed from the tokens. On cached passes (``start`` not
+        None) ``self.deposited`` carries the sum from one decode step to the next.
+        """
+        if self.context is None:
+            return None
+        b, t = energy.shape
+        parts = []
+        if self.config.condition_every_position:
+            parts.append(cond.features(dtype)[:, None, :].expand(b, t, -1))
+        if self.config.shower_state:
+            deposited = self.bin_mev[energy].cumsum(dim=1)
+            if start is not None:
+                if self.deposited is None:
+                    raise CalofmError("model: call setup_cache before decoding with a cache")
+                if start > 0:
+                    deposited = deposited + self.deposited[:, None]
+                self.deposited.copy_(deposited[:, -1])
+            first = start or 0
+            hits = torch.arange(first, first + t, device=energy.device, dtype=dtype)
+            state = [torch.log1p(deposited).to(dtype), torch.log1p(hits).expand(b, t)]
+            parts.append(torch.stack(state, dim=-1) / torch.tensor(STATE_SCALES, dtype=dtype))
+        return self.context(torch.cat(parts, dim=-1))
+
     def _embed(
         self,
         spatial: torch.Tensor,
         energy: torch.Tensor,
-        incident: torch.Tensor | None,
+        cond: Conditions,
         routing: Routing,
+        start: int | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The embedded streams, the conditions token prepended on a sequence's first pass."""
         g = self.geometry[spatial]
         xs = (
             self.spatial_embed(spatial)
@@ -166,9 +227,12 @@ class CaloFM(nn.Module):
             + self.y_embed(g[..., 2])
         )
         xe = self.energy_embed(energy)
+        context = self._context(cond, energy, start, xs.dtype)
+        if context is not None:
+            xs, xe = xs + context, xe + context
         xi = None
-        if incident is not None:
-            xi = self.incident_embed(incident.to(xs.dtype)[:, None])[:, None, :]
+        if not start:
+            xi = self.incident_embed(cond.incident.to(xs.dtype)[:, None])[:, None, :]
         xs, xe, xi = self.embed_hook(xs, xe, xi, spatial, routing)
         if xi is not None:
             xs, xe = torch.cat([xi, xs], dim=1), torch.cat([xi, xe], dim=1)
@@ -178,20 +242,28 @@ class CaloFM(nn.Module):
         self,
         spatial: torch.Tensor,
         energy: torch.Tensor,
-        incident: torch.Tensor | None,
+        cond: Conditions | torch.Tensor | None,
         routing: Routing,
         start: int | None = None,
     ) -> list[torch.Tensor]:
         """Every block's output (B, t, d) at the positions of the t given tokens.
 
-        ``start=None``: a full causal pass over tokens 0..t-1 (SOS first), incident prepended.
-        ``start=j``: tokens j..j+t-1 against the KV cache (which holds tokens before j);
-        for ``j == 0`` the incident energy is prepended and written to the cache too.
+        ``start=None``: a full causal pass over tokens 0..t-1 (SOS first), conditions prepended.
+        ``start=j``: tokens j..j+t-1 against the KV cache (which holds tokens before j); for
+        ``j == 0`` the conditions are prepended and kept for the later steps, which need none.
+        ``cond`` is a ``Conditions`` or a bare (B,) tensor of scaled incident energies.
         """
         first = start is None or start == 0
-        if first and incident is None:
-            raise CalofmError("model: the first step needs the incident energies")
-        xs, xe = self._embed(spatial, energy, incident if first else None, routing)
+        if first and cond is None:
+            raise CalofmError("model: the first step needs the conditions (incident energies)")
+        if start is not None:
+            if first:
+                self.cached_conditions = Conditions.of(cond)
+            elif self.cached_conditions is None:
+                raise CalofmError("model: a cached pass must start at token 0 (the conditions)")
+            cond = self.cached_conditions
+        cond = Conditions.of(cond)
+        xs, xe = self._embed(spatial, energy, cond, routing, start)
         pos0 = 0 if first else start + 1  # hidden position of the first input
         rope = self.rope(torch.arange(pos0, pos0 + xs.shape[1], device=xs.device))
         cache_pos = None if start is None else pos0
@@ -202,38 +274,96 @@ class CaloFM(nn.Module):
             out.append(x[:, 1:] if first else x)
         return out
 
-    def logits(self, h: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
+    def _energy_logits(
+        self, h: torch.Tensor, routing: Routing, previous: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Energy logits after the final norm; with ``falling_energy`` no bin above ``previous``.
+
+        ``previous`` holds the energy tokens the positions were fed (SOS, PAD: no constraint).
+        """
+        logits = self.energy_head(h, routing)
+        if self.config.falling_energy and previous is not None:
+            ids = torch.arange(logits.shape[-1], device=logits.device)
+            above = (ids > previous[..., None]) & (ids < self.tokenizer.n_bins)
+            logits = logits.masked_fill(above, float("-inf"))
+        return logits
+
+    def logits(
+        self, h: torch.Tensor, routing: Routing, previous_energy: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Spatial logits (B, t, Vs) (log-probabilities for a factorised head) and energy logits
+        (B, t, Ve) from block outputs ``h``; ``previous_energy`` (B, t) the fed energy tokens."""
         h = self.ln_f(h)
-        return self.spatial_head(h, routing), self.energy_head(h, routing)
+        spatial = self.spatial_head.scores(h, routing=routing)
+        return spatial, self._energy_logits(h, routing, previous_energy)
 
     def forward(
         self,
         spatial: torch.Tensor,
         energy: torch.Tensor,
-        incident: torch.Tensor,
+        cond: Conditions | torch.Tensor,
         class_id: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits (B, T, Vs), (B, T, Ve); position j predicts token j+1 of each stream."""
         routing = self.routing(class_id)
-        return self.logits(self.hidden_states(spatial, energy, incident, routing)[-1], routing)
+        h = self.hidden_states(spatial, energy, cond, routing)[-1]
+        return self.logits(h, routing, energy)
 
     def loss(
         self,
         spatial_full: torch.Tensor,
         energy_full: torch.Tensor,
-        incident: torch.Tensor,
+        cond: Conditions | torch.Tensor,
         class_id: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(total, spatial CE, energy CE) on full (B, T+1) sequences; PAD targets are ignored."""
+        """(total, spatial NLL, energy NLL) in nats per token on full (B, T+1) sequences.
+
+        PAD targets are ignored. With ``exclude_used_voxels`` each position's voxel distribution
+        is renormalised over the voxels the shower does not have yet; with ``falling_energy`` the
+        energy distribution over the bins not above the previous one: the distributions sampled.
+        """
         tok = self.tokenizer
-        ls, le = self(spatial_full[:, :-1], energy_full[:, :-1], incident, class_id)
-        ce_s = F.cross_entropy(
-            ls.flatten(0, 1), spatial_full[:, 1:].flatten(), ignore_index=tok.spatial_pad
+        routing = self.routing(class_id)
+        inputs_s, inputs_e = spatial_full[:, :-1], energy_full[:, :-1]
+        targets_s, targets_e = spatial_full[:, 1:], energy_full[:, 1:]
+        h = self.ln_f(self.hidden_states(inputs_s, inputs_e, cond, routing)[-1])
+        history = inputs_s if self.config.exclude_used_voxels else None
+        log_p = self.spatial_head.log_prob(h, targets_s, history, routing=routing)
+        real = targets_s != tok.spatial_pad
+        nll_s = -torch.where(real, log_p, torch.zeros_like(log_p)).sum() / real.sum().clamp(min=1)
+        le = self._energy_logits(h, routing, inputs_e)
+        nll_e = F.cross_entropy(
+            le.flatten(0, 1).float(), targets_e.flatten(), ignore_index=tok.energy_pad
         )
-        ce_e = F.cross_entropy(
-            le.flatten(0, 1), energy_full[:, 1:].flatten(), ignore_index=tok.energy_pad
+        return nll_s + nll_e, nll_s, nll_e
+
+    @torch.no_grad()
+    def next_tokens(
+        self,
+        h: torch.Tensor,
+        routing: Routing,
+        u: torch.Tensor | None,
+        used: torch.Tensor | None,
+        previous_energy: torch.Tensor,
+        temperature: float,
+        top_k: int | None = None,
+        top_p: float | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draw the next (voxel, energy bin) per row from the last block's output ``h`` (B, d).
+
+        ``u`` (B, 4): the row's uniforms for this step (layer, x, y, energy; a flat head uses the
+        first for the voxel); ``used`` (B, n_voxels) the voxels never to draw again (or None);
+        ``previous_energy`` (B,) the last energy token fed. SOS and PAD never come out.
+        """
+        tok = self.tokenizer
+        h = self.ln_f(h)
+        s = self.spatial_head.sample(
+            h, None if u is None else u[:, :3], used, temperature, top_k, top_p, routing=routing
         )
-        return ce_s + ce_e, ce_s, ce_e
+        le = self._energy_logits(h, routing, previous_energy).float()
+        le[:, [tok.energy_sos, tok.energy_pad]] = float("-inf")
+        e = sample(le, None if u is None else u[:, 3], temperature, top_k, top_p)
+        return s, e
 
     # ---- KV-cache decoding ---------------------------------------------------------------------
 
@@ -249,7 +379,7 @@ class CaloFM(nn.Module):
         Block 0's cache holds the spatial stream's keys/values, the others their own stream's.
         Returns the cache size in bytes.
         """
-        ref = self.spatial_head.weight
+        ref = self.energy_head.weight
         c = self.config
         for block in self.blocks:
             block.attn.kv_cache = KVCache(
@@ -260,6 +390,7 @@ class CaloFM(nn.Module):
                 dtype=dtype or ref.dtype,
                 device=device or ref.device,
             )
+        self.deposited = torch.zeros(batch_size, device=device or ref.device)
         return self.cache_bytes()
 
     def cache_bytes(self) -> int:
@@ -268,6 +399,7 @@ class CaloFM(nn.Module):
     def clear_cache(self) -> None:
         for block in self.blocks:
             block.attn.kv_cache = None
+        self.cached_conditions = self.deposited = None
 
     def forward_step(
         self,
@@ -275,14 +407,14 @@ class CaloFM(nn.Module):
         energy: torch.Tensor,
         start: int,
         routing: Routing,
-        incident: torch.Tensor | None = None,
+        cond: Conditions | torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits for tokens ``start .. start+t-1`` (B, t) given the cached earlier tokens.
 
-        ``start=0`` begins a sequence (SOS first) and needs ``incident``.
+        ``start=0`` begins a sequence (SOS first) and needs the conditions.
         """
-        h = self.hidden_states(spatial, energy, incident, routing, start=start)[-1]
-        return self.logits(h, routing)
+        h = self.hidden_states(spatial, energy, cond, routing, start=start)[-1]
+        return self.logits(h, routing, energy)
 
     def n_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

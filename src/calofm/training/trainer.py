@@ -137,13 +137,17 @@ def evaluate(
 
 
 def _optimizer(trainable: list[nn.Parameter], config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices and embedding tables only, not on biases and norms."""
+    """AdamW; weight decay on matrices and embedding tables only, not on biases and norms.
+
+    The fused implementation: on 2 CPU cores the element-wise update of the 3.5M-entry voxel
+    embedding is otherwise a quarter of a step of the small preset.
+    """
     decay = [p for p in trainable if p.ndim >= 2]
     rest = [p for p in trainable if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": config.weight_decay}]
     if rest:
         groups.append({"params": rest, "weight_decay": 0.0})
-    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2))
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), fused=True)
 
 
 def _default_save(model: nn.Module, directory: Path, provenance: dict) -> Path:

@@ -1,0 +1,269 @@
+"""The voxel head: P(next voxel | hidden state), flat (the paper's) or factorised by layer, x and y.
+
+A flat head is one linear layer over all 27,003 spatial tokens; on a CPU it is most of a training
+step. The factorised head writes the same distribution as P(layer) P(x | layer) P(y | layer, x):
+a (layers + EOS)-way layer head, then small sub-heads for x and y fed the embeddings of the parts
+already chosen. Its log-likelihood is the sum of its three parts, in nats like the flat head's, so
+the losses compare directly; a step costs a fraction of the flat head's.
+
+Both heads offer the same three operations, with routing-aware wrappers (particle copies, per-class
+layer biases) in ``calofm.adapters.heads``:
+
+- ``log_prob``: log P(target) per position, in training. With ``history`` given, the voxels the
+  shower already has are excluded from the normalisation (the model learns the distribution it is
+  sampled from, where a voxel is used once);
+- ``scores``: full logits over the spatial vocabulary (for tests and the recompute reference);
+- ``sample``: the next voxel per row, in generation, never one in ``used``.
+
+``layer_bias`` (B, layers), where given, is added to every voxel's logit by its layer (flat) or to
+the layer logits (factorised): the per-class conditioning adapter moves hits between layers. The
+base heads ignore ``routing``; the adapters' wrappers use it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from calofm.detector import DetectorConfig
+from calofm.model.experts import RoutedLinear, Routing
+from calofm.model.sampling import sample
+from calofm.tokens import TokenizerConfig
+
+
+def _excluded_log_norm(
+    log_probs: torch.Tensor, history: torch.Tensor, match: torch.Tensor
+) -> torch.Tensor:
+    """log(1 - P(voxels already used)) per position: the normaliser over the allowed voxels.
+
+    ``log_probs`` (B, T, V) normalised over all V; ``history`` (B, T) the ids whose probability is
+    removed (index into V); ``match`` (B, T, T) says which history entries count at each position.
+    """
+    b, t, _ = log_probs.shape
+    gathered = log_probs.gather(-1, history[:, None, :].expand(b, t, t))
+    used = (gathered.float().exp() * match).sum(-1)
+    return torch.log1p(-used.clamp(max=1 - 1e-6))
+
+
+def _causal_history(n: int, device: torch.device) -> torch.Tensor:
+    """(T, T) True where input i (1 <= i <= j) precedes or is position j: the hits so far."""
+    i = torch.arange(n, device=device)
+    return (i[None, :] <= i[:, None]) & (i[None, :] >= 1)
+
+
+class FlatVoxelHead(RoutedLinear):
+    """One logit per spatial token (the paper's head)."""
+
+    def __init__(self, d_model: int, tokenizer: TokenizerConfig, layer_of_token: torch.Tensor):
+        super().__init__(d_model, tokenizer.spatial_vocab)
+        self.n_voxels = tokenizer.n_voxels
+        self.sos, self.eos, self.pad = (
+            tokenizer.spatial_sos,
+            tokenizer.spatial_eos,
+            tokenizer.spatial_pad,
+        )
+        self.register_buffer("layer_of_token", layer_of_token, persistent=False)
+
+    def scores(
+        self,
+        h: torch.Tensor,
+        layer_bias: torch.Tensor | None = None,
+        routing: Routing | None = None,
+    ) -> torch.Tensor:
+        y = F.linear(h, self.weight, self.bias)
+        if layer_bias is not None:
+            layers = self.layer_of_token.to(y.device)  # a buffer a routed wrapper does not move
+            bias = F.pad(layer_bias, (0, 1))[:, layers].to(y.dtype)
+            y = y + (bias[:, None, :] if y.ndim == 3 else bias)
+        return y
+
+    def log_prob(
+        self,
+        h: torch.Tensor,
+        target: torch.Tensor,
+        history: torch.Tensor | None = None,
+        layer_bias: torch.Tensor | None = None,
+        routing: Routing | None = None,
+    ) -> torch.Tensor:
+        lp = torch.log_softmax(self.scores(h, layer_bias).float(), dim=-1)
+        out = lp.gather(-1, target.clamp(max=lp.shape[-1] - 1)[..., None])[..., 0]
+        if history is not None:
+            regular = history < self.n_voxels
+            match = _causal_history(history.shape[1], h.device)[None] & regular[:, None, :]
+            out = out - _excluded_log_norm(lp, history.clamp(max=self.n_voxels - 1), match)
+        return out
+
+    @torch.no_grad()
+    def sample(
+        self,
+        h: torch.Tensor,
+        u: torch.Tensor | None,
+        used: torch.Tensor | None,
+        temperature: float,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        layer_bias: torch.Tensor | None = None,
+        routing: Routing | None = None,
+    ) -> torch.Tensor:
+        logits = self.scores(h, layer_bias).float()
+        logits[:, [self.sos, self.pad]] = float("-inf")
+        if used is not None:
+            logits[:, : self.n_voxels].masked_fill_(used, float("-inf"))
+        return sample(logits, None if u is None else u[:, 0], temperature, top_k, top_p)
+
+    def never_end(self) -> None:
+        """Push end-of-sequence out of reach (benchmarks that run a fixed number of steps)."""
+        with torch.no_grad():
+            self.bias[self.eos] = -1e9
+
+
+class FactorisedVoxelHead(nn.Module):
+    """P(layer) P(x | layer) P(y | layer, x); the layer head's last class is end-of-sequence."""
+
+    def __init__(self, d_model: int, tokenizer: TokenizerConfig, detector: DetectorConfig):
+        super().__init__()
+        d = d_model
+        self.n_layers, self.nx, self.ny = detector.n_layers, detector.nx, detector.ny
+        self.n_voxels = tokenizer.n_voxels
+        self.sos, self.eos, self.pad = (
+            tokenizer.spatial_sos,
+            tokenizer.spatial_eos,
+            tokenizer.spatial_pad,
+        )
+        self.layer = nn.Linear(d, self.n_layers + 1)
+        self.x_in = nn.Linear(d, d)
+        self.x_layer = nn.Embedding(self.n_layers, d)
+        self.x_out = nn.Linear(d, self.nx)
+        self.y_in = nn.Linear(d, d)
+        self.y_layer = nn.Embedding(self.n_layers, d)
+        self.y_x = nn.Embedding(self.nx, d)
+        self.y_out = nn.Linear(d, self.ny)
+
+    # the three conditionals -------------------------------------------------------------------
+
+    def _layer_logits(self, h: torch.Tensor, layer_bias: torch.Tensor | None) -> torch.Tensor:
+        y = self.layer(h)
+        if layer_bias is not None:
+            bias = F.pad(layer_bias, (0, 1)).to(y.dtype)
+            y = y + (bias[:, None, :] if y.ndim == 3 else bias)
+        return y
+
+    def _x_logits(self, h: torch.Tensor, layer: torch.Tensor) -> torch.Tensor:
+        return self.x_out(F.gelu(self.x_in(h) + self.x_layer(layer)))
+
+    def _y_logits(self, h: torch.Tensor, layer: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return self.y_out(F.gelu(self.y_in(h) + self.y_layer(layer) + self.y_x(x)))
+
+    def _split(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(layer, x, y) of spatial ids; special ids give (0, 0, 0)."""
+        v = torch.where(ids < self.n_voxels, ids, torch.zeros_like(ids))
+        return v // (self.nx * self.ny), (v // self.ny) % self.nx, v % self.ny
+
+    # the head's operations ---------------------------------------------------------------------
+
+    def log_prob(
+        self,
+        h: torch.Tensor,
+        target: torch.Tensor,
+        history: torch.Tensor | None = None,
+        layer_bias: torch.Tensor | None = None,
+        routing: Routing | None = None,
+    ) -> torch.Tensor:
+        regular = target < self.n_voxels
+        layer, x, y = self._split(target)
+        lp_layer = torch.log_softmax(self._layer_logits(h, layer_bias).float(), dim=-1)
+        layer_class = torch.where(regular, layer, torch.full_like(layer, self.n_layers))
+        out = lp_layer.gather(-1, layer_class[..., None])[..., 0]
+        lp_x = torch.log_softmax(self._x_logits(h, layer).float(), dim=-1)
+        lp_y = torch.log_softmax(self._y_logits(h, layer, x).float(), dim=-1)
+        part = lp_x.gather(-1, x[..., None])[..., 0] + lp_y.gather(-1, y[..., None])[..., 0]
+        if history is not None:
+            # A voxel is used once: at (layer, x) the y already taken leave the normalisation.
+            h_layer, h_x, h_y = self._split(history)
+            same_row = (h_layer[:, None, :] == layer[:, :, None]) & (
+                h_x[:, None, :] == x[:, :, None]
+            )
+            match = (
+                _causal_history(history.shape[1], h.device)[None]
+                & (history < self.n_voxels)[:, None, :]
+                & same_row
+            )
+            part = part - _excluded_log_norm(lp_y, h_y, match)
+        return out + torch.where(regular, part, torch.zeros_like(part))
+
+    def scores(
+        self,
+        h: torch.Tensor,
+        layer_bias: torch.Tensor | None = None,
+        routing: Routing | None = None,
+    ) -> torch.Tensor:
+        """log P of every spatial token (SOS and PAD at -inf): logits of the same distribution."""
+        lp_layer = torch.log_softmax(self._layer_logits(h, layer_bias).float(), dim=-1)
+        hx = self.x_in(h)[..., None, :] + self.x_layer.weight  # (..., L, d)
+        lp_x = torch.log_softmax(self.x_out(F.gelu(hx)).float(), dim=-1)  # (..., L, X)
+        hy = (
+            self.y_in(h)[..., None, None, :]
+            + self.y_layer.weight[:, None, :]
+            + self.y_x.weight[None, :, :]
+        )
+        lp_y = torch.log_softmax(self.y_out(F.gelu(hy)).float(), dim=-1)  # (..., L, X, Y)
+        voxels = lp_layer[..., : self.n_layers, None, None] + lp_x[..., None] + lp_y
+        never = torch.full_like(lp_layer[..., :1], float("-inf"))
+        special = torch.cat([never, lp_layer[..., self.n_layers :], never], dim=-1)
+        return torch.cat([voxels.flatten(-3), special], dim=-1)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        h: torch.Tensor,
+        u: torch.Tensor | None,
+        used: torch.Tensor | None,
+        temperature: float,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        layer_bias: torch.Tensor | None = None,
+        routing: Routing | None = None,
+    ) -> torch.Tensor:
+        """Layer, then x, then y, each from its conditional (top-k/p and temperature per part).
+
+        Full layers and full rows are masked too, so a shower never runs out of allowed voxels.
+        """
+        b = h.shape[0]
+        rows = torch.arange(b, device=h.device)
+        grid = None if used is None else used.view(b, self.n_layers, self.nx, self.ny)
+        logits = self._layer_logits(h, layer_bias).float()
+        if grid is not None:
+            logits[:, : self.n_layers].masked_fill_(grid.flatten(2).all(-1), float("-inf"))
+        layer = sample(logits, None if u is None else u[:, 0], temperature, top_k, top_p)
+        end = layer == self.n_layers
+        layer = layer.clamp(max=self.n_layers - 1)
+        logits = self._x_logits(h, layer).float()
+        if grid is not None:
+            logits.masked_fill_(grid[rows, layer].all(-1), float("-inf"))
+        x = sample(logits, None if u is None else u[:, 1], temperature, top_k, top_p)
+        logits = self._y_logits(h, layer, x).float()
+        if grid is not None:
+            logits.masked_fill_(grid[rows, layer, x], float("-inf"))
+        y = sample(logits, None if u is None else u[:, 2], temperature, top_k, top_p)
+        voxel = (layer * self.nx + x) * self.ny + y
+        return torch.where(end, torch.full_like(voxel, self.eos), voxel)
+
+    def never_end(self) -> None:
+        with torch.no_grad():
+            self.layer.bias[self.n_layers] = -1e9
+
+
+VoxelHead = FlatVoxelHead | FactorisedVoxelHead
+
+
+def voxel_head(
+    kind: str,
+    d_model: int,
+    tokenizer: TokenizerConfig,
+    detector: DetectorConfig,
+    layer_of_token: torch.Tensor,
+) -> VoxelHead:
+    if kind == "flat":
+        return FlatVoxelHead(d_model, tokenizer, layer_of_token)
+    return FactorisedVoxelHead(d_model, tokenizer, detector)
