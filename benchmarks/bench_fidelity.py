@@ -110,6 +110,7 @@ def run_arm(name: str, args: argparse.Namespace, classes: list, train_set, val_s
     model = CaloFM(ModelConfig(**config), tok, classes[0].selection.train.detector, list(CLASSES))
     train_config = TrainConfig(
         time_limit_min=args.minutes,
+        max_steps=args.max_steps,
         batch_size=defaults.batch_size,
         lr=defaults.lr,
         warmup_steps=defaults.warmup_steps,
@@ -144,6 +145,7 @@ def run_arm(name: str, args: argparse.Namespace, classes: list, train_set, val_s
         "model_config": config,
         "parameters": model.n_parameters(),
         "minutes": args.minutes,
+        "max_steps": args.max_steps,
         "threads": torch.get_num_threads(),
         "steps": steps,
         "epochs": steps / max(1, len(train_set) // defaults.batch_size),
@@ -204,6 +206,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     parser.add_argument("--minutes", type=float, default=20.0, help="training budget per arm")
+    parser.add_argument(
+        "--max-steps",
+        type=int,
+        help="also stop at this many steps: arms of equal cost per step compared at equal steps "
+        "stay comparable on a machine whose load changes",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--preset", default="small")
     parser.add_argument("--n-generate", type=int, default=1000, help="showers per class")

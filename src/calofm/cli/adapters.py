@@ -58,8 +58,9 @@ def run_list(args: argparse.Namespace) -> int:
     from calofm.adapters.files import read_manifest
     from calofm.model.io import load_model
     from calofm.model.io import read_manifest as read_model_manifest
+    from calofm.pretrained import resolve_model
 
-    model_dir = Path(args.model)
+    model_dir = resolve_model(args.model)
     base = read_model_manifest(model_dir)
     load_model(model_dir)  # a truncated or altered weights file is an error, not a listing
     dirs = list(dict.fromkeys(Path(d).resolve() for d in [*args.adapter, *_found(model_dir)]))

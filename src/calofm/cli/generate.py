@@ -122,7 +122,6 @@ def load_generator_model(args: argparse.Namespace, device: str):
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
     import numpy as np
     from tqdm import tqdm
@@ -136,6 +135,7 @@ def run(args: argparse.Namespace) -> int:
     from calofm.generation.sampler import SamplingConfig
     from calofm.model.config import class_name
     from calofm.particles import pdg_code
+    from calofm.pretrained import resolve_model
 
     lo, hi = energy_bounds(args)
     pdg_code(args.particle)
@@ -182,7 +182,7 @@ def run(args: argparse.Namespace) -> int:
         empty,
         simulator="calofm-generate",
         seed=args.seed,
-        generator={**generator, "model": str(Path(args.model).resolve())},
+        generator={**generator, "model": str(resolve_model(args.model).resolve())},
     )
     writer = ShowerWriter(args.out, args.n, meta, signature, replace_partial=args.overwrite)
     start = writer.n_written
