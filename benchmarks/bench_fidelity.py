@@ -202,6 +202,65 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+MARKDOWN_OBSERVABLES = (
+    "energy_sum",
+    "response",
+    "n_hits",
+    "cell_energy",
+    "cog_z",
+    "cog_x",
+    "cog_y",
+    "energy_per_layer",
+    "radial_profile",
+)
+
+
+def markdown(results: dict) -> str:
+    """Tables for docs/results.md: W1x100 over the floor per observable, AUC, per arm and class."""
+    lines = []
+    for cls in CLASSES:
+        head = ["arm", "steps", "tok/s", *MARKDOWN_OBSERVABLES, "AUC (floor)", "dup."]
+        lines += [f"**{cls}** (W1x100 / Geant4 floor)", "", "| " + " | ".join(head) + " |"]
+        lines.append("|" + "---|" * len(head))
+        for name, e in results.items():
+            t = e["classes"][cls]["test"]
+            cells = [
+                f"{t['observables'][o]['ratio']:.1f}"
+                if t["observables"].get(o, {}).get("ratio")
+                else "-"
+                for o in MARKDOWN_OBSERVABLES
+            ]
+            auc = f"{t['classifier_auc']:.3f} ({t['classifier_auc_floor']:.3f})"
+            lines.append(
+                f"| {name} | {e['steps']} | {e['train_tokens_per_s'] or 0:.0f} | "
+                + " | ".join(cells)
+                + f" | {auc} | {100 * t['duplicate_rate']:.1f}% |"
+            )
+        lines.append("")
+    fixed = [
+        (n, c, e)
+        for n, r in results.items()
+        for c in CLASSES
+        for e in [r["classes"][c]["fixed"]]
+        if e
+    ]
+    if fixed:
+        lines += ["**Fixed incident energies** (W1x100 / floor: energy sum, hits, cog z; AUC)", ""]
+        lines += [
+            "| arm | class | GeV | energy sum | n hits | cog z | AUC (floor) |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for name, cls, per_energy in fixed:
+            for energy, t in per_energy.items():
+                o = t["observables"]
+                lines.append(
+                    f"| {name} | {cls} | {energy} | {o['energy_sum']['ratio']:.1f} | "
+                    f"{o['n_hits']['ratio']:.1f} | {o['cog_z']['ratio']:.1f} | "
+                    f"{t['classifier_auc']:.3f} ({t['classifier_auc_floor']:.3f}) |"
+                )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
@@ -223,7 +282,11 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=ROOT / "runs/fidelity")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/fidelity.json")
     parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--markdown", action="store_true", help="print --out's tables and stop")
     args = parser.parse_args()
+    if args.markdown:
+        print(markdown(json.loads(args.out.read_text())["arms"]))
+        return
     torch.set_num_threads(args.threads)
     if not args.data_dir.is_dir():
         raise SystemExit(f"bench_fidelity: no data directory {args.data_dir}")

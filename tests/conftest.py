@@ -6,11 +6,22 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from calofm.data.showers import SparseShowers
 from calofm.detector import DetectorConfig
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The test machine's 2 cores are shared: one thread per test avoids oversubscription stalls,
+    and makes results independent of the machine's core count."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def make_toy_showers(

@@ -15,13 +15,6 @@ from calofm.model import CaloFM, model_hash, preset, save_model
 BUDGET = ["--max-steps", "2", "--n-events", "12", "--batch-size", "6", "--device", "cpu"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture
 def base_dir(tmp_path):

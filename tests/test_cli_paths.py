@@ -12,7 +12,6 @@ import os
 import signal
 
 import numpy as np
-import pytest
 import torch
 from test_adapters import PB_GAMMA, base_model, toy_file, trained
 from test_model import tiny_model
@@ -25,14 +24,6 @@ from calofm.data.formats import file_info, read_all
 from calofm.generation.engine import generate
 from calofm.model import load_model, save_model
 from calofm.training import trainer
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def interrupt_at(monkeypatch, at_step: int) -> None:

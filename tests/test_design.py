@@ -23,13 +23,6 @@ SMALL_DET = DetectorConfig(absorber_mm=(2.1,) * 4, nx=5, ny=6)
 SMALL_TOK = TokenizerConfig.for_detector(SMALL_DET, scheme="log", n_bins=16, max_mev=20.0)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def head(kind: str, seed: int = 0) -> FlatVoxelHead | FactorisedVoxelHead:
     torch.manual_seed(seed)
@@ -210,7 +203,8 @@ def test_falling_energy_renormalises_the_energy_loss_over_bins_not_above_the_pre
             prev = int(e[b, j])
             if prev < SMALL_TOK.n_bins:
                 logits[prev + 1 : SMALL_TOK.n_bins] = float("-inf")
-            want.append(-torch.log_softmax(logits, 0)[e[b, j + 1]])
+            if e[b, j + 1] != SMALL_TOK.energy_eos:  # single stop: the end is the voxel head's
+                want.append(-torch.log_softmax(logits, 0)[e[b, j + 1]])
     torch.testing.assert_close(nll_e, torch.stack(want).mean())
 
 
@@ -267,3 +261,35 @@ def test_paper_design_model_still_decodes_like_its_full_forward():
     model = tiny_model(paper_design=True)
     s, e, inc = random_tokens(model, 2, 10)
     assert_steps_match(model, s, e, inc, torch.tensor([0, 2]), [1] * 10)
+
+
+@pytest.mark.parametrize("single_stop", [True, False])
+def test_one_stop_decision_keeps_the_shower_length_the_heads_predict(single_stop):
+    """Both heads give end-of-sequence a probability of 0.1 at every step. With one stop decision
+    (the voxel head's) showers last 1/0.1 - 1 = 9 hits on average; with two independent ones a
+    shower ends when either says so, at 1 - 0.9^2 = 0.19 per step: 4.3 hits."""
+    model = small_model(single_stop=single_stop, falling_energy=False)
+    tok, head = SMALL_TOK, model.spatial_head
+    with torch.no_grad():
+        for linear in (head.layer, model.energy_head):
+            linear.weight.zero_()
+            linear.bias.zero_()
+        n_layers, n_bins = SMALL_DET.n_layers, tok.n_bins
+        head.layer.bias[n_layers] = float(np.log(0.1 / 0.9 * n_layers))
+        model.energy_head.bias[tok.energy_eos] = float(np.log(0.1 / 0.9 * n_bins))
+        model.energy_head.bias[[tok.energy_sos, tok.energy_pad]] = -1e4
+    out, stats = generate(model, "G4_W:gamma", np.full(400, 3.0), seed=0, max_hits=100)
+    lengths = out["G4_W:gamma"].n_hits
+    want = 9.0 if single_stop else 0.81 / 0.19
+    assert abs(lengths.mean() - want) < 4 * lengths.std() / np.sqrt(len(lengths))
+    assert stats["n_truncated"] == 0
+
+
+def test_with_one_stop_decision_the_energy_head_never_ends_a_shower_nor_learns_to():
+    model = small_model()
+    assert model.config.single_stop
+    s, e = shower_tokens(2, 5)
+    _, le = model(s[:, :-1], e[:, :-1], torch.tensor([0.1, 0.2]), torch.tensor([0, 1]))
+    assert torch.isinf(le[..., SMALL_TOK.energy_eos]).all()
+    model.loss(s, e, torch.tensor([0.1, 0.2]), torch.tensor([0, 1]))[0].backward()  # finite
+    assert torch.isfinite(model.energy_head.weight.grad).all()

@@ -16,14 +16,6 @@ from calofm.model import CaloFM, ModelConfig
 from calofm.tokens import Tokenizer, TokenizerConfig
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def frequencies(logits: list[float], temperature=1.0, top_k=None, top_p=None, n=40000, seed=0):
     x = torch.tensor(logits).repeat(n, 1)
     u = torch.from_numpy(np.random.default_rng(seed).random(n))

@@ -6,7 +6,6 @@ import json
 from dataclasses import replace
 
 import pytest
-import torch
 
 from calofm.cli import main
 from calofm.generation.benchmark import BenchSettings, StepTimes, format_table, run_benchmark
@@ -25,13 +24,6 @@ TOY = BenchSettings(
     n_bins=40,
 )
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_step_fit_sums_the_steps_of_a_decode():

@@ -4,20 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from test_model import tiny_model
 
 from calofm.cli import main
 from calofm.data.formats import ShowerWriter, file_info, read_all
 from calofm.model import model_hash, save_model
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture

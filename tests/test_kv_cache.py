@@ -15,13 +15,6 @@ from calofm.model.kv_cache import KVCache
 ATOL = 1e-4
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def full_pass(model, s, e, inc, routing):
     """Hidden states of every block and both logits, for the last position of the prefix."""

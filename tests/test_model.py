@@ -18,14 +18,6 @@ from calofm.tokens import TokenizerConfig
 CLASSES = ["G4_W:gamma", "G4_Pb:gamma", "G4_W:e-"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The test machine's cores are shared: one thread avoids oversubscription stalls."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 # The paper's design: a flat voxel head, the incident energy prepended only, no constraints.
 PAPER_DESIGN = {name: getattr(ModelConfig(), name) for name in DESIGN}

@@ -9,7 +9,6 @@ import signal
 
 import numpy as np
 import pytest
-import torch
 from conftest import make_toy_showers
 from test_model import tiny_model
 
@@ -25,14 +24,6 @@ from calofm.detector import DetectorConfig
 from calofm.errors import CalofmError
 from calofm.files import atomic_output
 from calofm.model import save_model
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture

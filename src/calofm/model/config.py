@@ -29,6 +29,10 @@ class ModelConfig:
     shower_state: bool = False  # every position sees the energy deposited so far and the hit count
     exclude_used_voxels: bool = False  # a voxel is used once: in the loss and in sampling
     falling_energy: bool = False  # the next energy bin is never above the previous one
+    # The voxel head alone decides where a shower ends; the energy head gives the next energy of a
+    # shower that goes on. With two stop decisions drawn independently a shower ends if either says
+    # so, which nearly doubles the chance of stopping at every step.
+    single_stop: bool = False
 
     def __post_init__(self) -> None:
         if self.d_model <= 0 or self.n_heads <= 0 or self.n_blocks <= 0 or self.ffn_mult <= 0:
@@ -80,6 +84,7 @@ DESIGN = dict(
     shower_state=True,
     exclude_used_voxels=True,
     falling_energy=True,
+    single_stop=True,
 )
 
 PRESETS: dict[str, ModelConfig] = {

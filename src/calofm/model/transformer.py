@@ -277,11 +277,16 @@ class CaloFM(nn.Module):
     def _energy_logits(
         self, h: torch.Tensor, routing: Routing, previous: torch.Tensor | None
     ) -> torch.Tensor:
-        """Energy logits after the final norm; with ``falling_energy`` no bin above ``previous``.
+        """Energy logits after the final norm; with ``falling_energy`` no bin above ``previous``,
+        with ``single_stop`` never end-of-sequence.
 
         ``previous`` holds the energy tokens the positions were fed (SOS, PAD: no constraint).
         """
         logits = self.energy_head(h, routing)
+        if self.config.single_stop:  # the energy of a shower that goes on: EOS is not among them
+            eos = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+            eos[self.tokenizer.energy_eos] = True
+            logits = logits.masked_fill(eos, float("-inf"))
         if self.config.falling_energy and previous is not None:
             ids = torch.arange(logits.shape[-1], device=logits.device)
             above = (ids > previous[..., None]) & (ids < self.tokenizer.n_bins)
@@ -318,7 +323,8 @@ class CaloFM(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(total, spatial NLL, energy NLL) in nats per token on full (B, T+1) sequences.
 
-        PAD targets are ignored. With ``exclude_used_voxels`` each position's voxel distribution
+        PAD targets are ignored; with ``single_stop`` so are the energy stream's EOS targets (the
+        energy NLL is then per hit, not per hit plus EOS). With ``exclude_used_voxels`` each position's voxel distribution
         is renormalised over the voxels the shower does not have yet; with ``falling_energy`` the
         energy distribution over the bins not above the previous one: the distributions sampled.
         """
@@ -332,6 +338,8 @@ class CaloFM(nn.Module):
         real = targets_s != tok.spatial_pad
         nll_s = -torch.where(real, log_p, torch.zeros_like(log_p)).sum() / real.sum().clamp(min=1)
         le = self._energy_logits(h, routing, inputs_e)
+        if self.config.single_stop:  # the end is the voxel head's to predict
+            targets_e = targets_e.masked_fill(targets_e == tok.energy_eos, tok.energy_pad)
         nll_e = F.cross_entropy(
             le.flatten(0, 1).float(), targets_e.flatten(), ignore_index=tok.energy_pad
         )
