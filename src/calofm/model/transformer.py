@@ -323,8 +323,9 @@ class CaloFM(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(total, spatial NLL, energy NLL) in nats per token on full (B, T+1) sequences.
 
-        PAD targets are ignored; with ``single_stop`` so are the energy stream's EOS targets (the
-        energy NLL is then per hit, not per hit plus EOS). With ``exclude_used_voxels`` each position's voxel distribution
+        PAD targets are ignored; with ``single_stop`` the energy stream's EOS targets count zero
+        nats (the voxel head predicts the end), so both NLLs stay means over the same target
+        tokens and batch means combine exactly (validation, DDP). With ``exclude_used_voxels`` each position's voxel distribution
         is renormalised over the voxels the shower does not have yet; with ``falling_energy`` the
         energy distribution over the bins not above the previous one: the distributions sampled.
         """
@@ -338,10 +339,17 @@ class CaloFM(nn.Module):
         real = targets_s != tok.spatial_pad
         nll_s = -torch.where(real, log_p, torch.zeros_like(log_p)).sum() / real.sum().clamp(min=1)
         le = self._energy_logits(h, routing, inputs_e)
+        n_targets = (targets_e != tok.energy_pad).sum().clamp(min=1)
         if self.config.single_stop:  # the end is the voxel head's to predict
             targets_e = targets_e.masked_fill(targets_e == tok.energy_eos, tok.energy_pad)
-        nll_e = F.cross_entropy(
-            le.flatten(0, 1).float(), targets_e.flatten(), ignore_index=tok.energy_pad
+        nll_e = (
+            F.cross_entropy(
+                le.flatten(0, 1).float(),
+                targets_e.flatten(),
+                ignore_index=tok.energy_pad,
+                reduction="sum",
+            )
+            / n_targets
         )
         return nll_s + nll_e, nll_s, nll_e
 
