@@ -188,7 +188,7 @@ def test_cached_decoding_carries_the_shower_state_between_steps():
 
 
 def test_falling_energy_renormalises_the_energy_loss_over_bins_not_above_the_previous():
-    model = small_model()
+    model = small_model(falling_energy=True)
     s, e = shower_tokens(2, 7)
     inc, cid = torch.tensor([0.0, 0.5]), torch.tensor([0, 1])
     nll_e = model.loss(s, e, inc, cid)[2]
@@ -211,7 +211,7 @@ def test_falling_energy_renormalises_the_energy_loss_over_bins_not_above_the_pre
 
 
 def test_generated_showers_never_repeat_a_voxel_and_their_energies_never_rise():
-    model = small_model(seed=3)
+    model = small_model(seed=3, falling_energy=True)
     model.spatial_head.never_end()  # long showers: 110 of the 120 voxels, full rows and layers
     with torch.no_grad():
         model.energy_head.bias[SMALL_TOK.energy_eos] = -1e4

@@ -77,13 +77,15 @@ class ModelConfig:
         return cls(**d)
 
 
-# The design that fits a CPU budget best (benchmarks/bench_fidelity.py; docs/results.md).
+# The design that fits a CPU budget best (benchmarks/bench_fidelity.py; docs/results.md). Falling
+# energies are off: at equal steps they made the hit count and the cell spectrum worse (a low
+# early draw caps every later hit).
 DESIGN = dict(
     voxel_head="factorised",
     condition_every_position=True,
     shower_state=True,
     exclude_used_voxels=True,
-    falling_energy=True,
+    falling_energy=False,
     single_stop=True,
 )
 
