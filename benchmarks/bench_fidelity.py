@@ -14,7 +14,8 @@ output file is skipped, so an interrupted run resumes):
 
 Arms: ``today`` (the design before these options), one per option alone (``+head``, ``+cond``,
 ``+state``, ``+unique``, ``+falling``), each other option on top of the factorised head
-(``+head+cond`` ...) and ``all``. Runs of different arms on one machine compare
+(``+head+cond`` ...), ``all`` (the five options above together) and ``small`` (the small
+preset's choice: all but falling energies, with one stop decision). Runs of different arms on one machine compare
 only at equal thread counts and equal load: run them one after the other, or two at a time with
 one thread each.
 """
@@ -35,6 +36,7 @@ from calofm.evaluation.report import evaluate
 from calofm.files import atomic_output
 from calofm.generation.engine import generate
 from calofm.model import CaloFM, ModelConfig, load_model, preset
+from calofm.model.config import DESIGN
 from calofm.tokens import Tokenizer
 from calofm.training.config import TrainConfig, preset_defaults
 from calofm.training.data import build_datasets, fit_tokenizer, load_classes
@@ -48,13 +50,7 @@ OPTIONS = {
     "+unique": {"exclude_used_voxels": True},
     "+falling": {"falling_energy": True},
 }
-TODAY = {
-    "voxel_head": "flat",
-    "condition_every_position": False,
-    "shower_state": False,
-    "exclude_used_voxels": False,
-    "falling_energy": False,
-}
+TODAY = {name: getattr(ModelConfig(), name) for name in DESIGN}  # the paper's design
 # Each option alone on the paper's design, each on top of the factorised head (which alone makes
 # a CPU budget buy ~10x more steps, so the others are measured where they can act), and all.
 ARMS = {
@@ -62,6 +58,7 @@ ARMS = {
     **OPTIONS,
     **{f"+head{k}": {**OPTIONS["+head"], **v} for k, v in OPTIONS.items() if k != "+head"},
     "all": {k: v for o in OPTIONS.values() for k, v in o.items()},
+    "small": dict(DESIGN),  # the small preset's choice: all but falling energies, one stop decision
 }
 CLASSES = {"G4_W:gamma": "W", "G4_Ta:gamma": "Ta"}
 HEADLINE = ("energy_sum", "response", "n_hits", "cog_z", "cog_x", "energy_per_layer")
