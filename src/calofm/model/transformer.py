@@ -14,7 +14,7 @@ Options of ``ModelConfig`` beyond the paper's design: the conditions (``Conditio
 every position, not only prepended; the shower's state so far (energy deposited, hits) added to
 every position, derived from the tokens in training and generation alike; a factorised voxel head
 (``calofm.model.heads``); voxels used once and energies that never rise, both in the loss and in
-sampling.
+sampling; one stop decision (the voxel head's) instead of one per head.
 """
 
 from __future__ import annotations
@@ -102,6 +102,8 @@ class CaloFM(nn.Module):
         bin_mev = torch.zeros(tokenizer.energy_vocab)
         bin_mev[: tokenizer.n_bins] = (edges[:-1] + edges[1:]) / 2  # the bins' mean decoded energy
         self.register_buffer("bin_mev", bin_mev, persistent=False)
+        energy_ids = torch.arange(tokenizer.energy_vocab)
+        self.register_buffer("energy_ids", energy_ids, persistent=False)
         n_context = (
             Conditions.N_FEATURES * config.condition_every_position + 2 * config.shower_state
         )
@@ -283,12 +285,10 @@ class CaloFM(nn.Module):
         ``previous`` holds the energy tokens the positions were fed (SOS, PAD: no constraint).
         """
         logits = self.energy_head(h, routing)
+        ids = self.energy_ids
         if self.config.single_stop:  # the energy of a shower that goes on: EOS is not among them
-            eos = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
-            eos[self.tokenizer.energy_eos] = True
-            logits = logits.masked_fill(eos, float("-inf"))
+            logits = logits.masked_fill(ids == self.tokenizer.energy_eos, float("-inf"))
         if self.config.falling_energy and previous is not None:
-            ids = torch.arange(logits.shape[-1], device=logits.device)
             above = (ids > previous[..., None]) & (ids < self.tokenizer.n_bins)
             logits = logits.masked_fill(above, float("-inf"))
         return logits
@@ -325,9 +325,10 @@ class CaloFM(nn.Module):
 
         PAD targets are ignored; with ``single_stop`` the energy stream's EOS targets count zero
         nats (the voxel head predicts the end), so both NLLs stay means over the same target
-        tokens and batch means combine exactly (validation, DDP). With ``exclude_used_voxels`` each position's voxel distribution
-        is renormalised over the voxels the shower does not have yet; with ``falling_energy`` the
-        energy distribution over the bins not above the previous one: the distributions sampled.
+        tokens and batch means combine exactly (validation, DDP). With ``exclude_used_voxels``
+        each position's voxel distribution is renormalised over the voxels the shower does not
+        have yet; with ``falling_energy`` the energy distribution over the bins not above the
+        previous one: the distributions sampled.
         """
         tok = self.tokenizer
         routing = self.routing(class_id)
@@ -416,21 +417,6 @@ class CaloFM(nn.Module):
         for block in self.blocks:
             block.attn.kv_cache = None
         self.cached_conditions = self.deposited = None
-
-    def forward_step(
-        self,
-        spatial: torch.Tensor,
-        energy: torch.Tensor,
-        start: int,
-        routing: Routing,
-        cond: Conditions | torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits for tokens ``start .. start+t-1`` (B, t) given the cached earlier tokens.
-
-        ``start=0`` begins a sequence (SOS first) and needs the conditions.
-        """
-        h = self.hidden_states(spatial, energy, cond, routing, start=start)[-1]
-        return self.logits(h, routing, energy)
 
     def n_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
