@@ -29,6 +29,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("-n", type=positive_int, required=True, help="number of showers")
     add_energy_options(p)
     p.add_argument("--seed", type=non_negative_int, default=0, help="run seed (default: 0)")
+    p.add_argument(
+        "--offset",
+        type=non_negative_int,
+        default=0,
+        metavar="N",
+        help="start N showers into the run of --seed (a multiple of --chunk-size): job J of an "
+        "array of jobs of -n showers each passes --offset J*n, and calofm merge joins their "
+        "files into the file of one run (default: 0)",
+    )
     p.add_argument("--workers", type=positive_int, default=1, help="Geant4 processes (default: 1)")
     p.add_argument(
         "--chunk-size", type=positive_int, default=50, help="showers per chunk (default: 50)"
@@ -71,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
         energy_gev=energy_bounds(args),
         seed=args.seed,
         chunk_size=args.chunk_size,
+        offset=args.offset,
     )
     path = simulate_to_file(request, args.out, workers=args.workers, overwrite=args.overwrite)
     print(f"wrote {request.n} showers to {path}")

@@ -2,7 +2,9 @@
 
 A run is split into chunks of ``chunk_size`` showers. Chunk ``i`` draws its incident energies and
 its Geant4 seed from ``SeedSequence(seed, spawn_key=(i,))``, so the showers depend only on the
-request, never on how many workers simulate them. Each worker is its own spawned process, because
+request, never on how many workers simulate them. A job of an array starts ``offset`` showers into
+the run of its seed (a whole number of chunks), so jobs with offsets 0, n, 2n, ... simulate
+exactly the showers of one run of their total, and ``calofm merge`` joins them into its file. Each worker is its own spawned process, because
 Geant4 keeps global state per process; chunks come back in order and are appended to
 ``OUT.partial`` as they finish, so an interrupted run resumes at the first missing chunk.
 """
@@ -49,6 +51,7 @@ class SimulationRequest:
     energy_gev: tuple[float, float]  # (lo, hi); lo == hi for a fixed energy
     seed: int = 0
     chunk_size: int = 50
+    offset: int = 0  # showers of this seed's run that other jobs simulate before this one
 
     def __post_init__(self) -> None:
         pdg_code(self.particle)  # the shower file stores the PDG code: reject unknown names now
@@ -62,6 +65,11 @@ class SimulationRequest:
             raise CalofmError("the number of showers and the chunk size must be at least 1")
         if self.seed < 0:
             raise CalofmError(f"seed must be a non-negative integer, got {self.seed}")
+        if self.offset < 0 or self.offset % self.chunk_size:
+            raise CalofmError(
+                f"offset {self.offset} must be a whole number of chunks of {self.chunk_size} "
+                "showers (0, n, 2n, ... for the jobs of an array)"
+            )
 
     @property
     def n_chunks(self) -> int:
@@ -69,14 +77,16 @@ class SimulationRequest:
 
     def chunk(self, index: int) -> tuple[np.ndarray, int]:
         """Incident energies (GeV, float32 as stored) and Geant4 seed of chunk ``index``."""
-        rng = np.random.default_rng(np.random.SeedSequence(self.seed, spawn_key=(index,)))
+        key = (self.offset // self.chunk_size + index,)
+        rng = np.random.default_rng(np.random.SeedSequence(self.seed, spawn_key=key))
         size = min(self.chunk_size, self.n - index * self.chunk_size)
         energies = rng.uniform(*self.energy_gev, size=size).astype(np.float32)
         return energies, int(rng.integers(1, G4_SEED_MAX))
 
     def describe(self, simulator: str) -> dict:
-        """The run's entries in the file metadata (the detector and particle are added there)."""
-        return dict(
+        """The run's entries in the file metadata (the detector and particle are added there);
+        ``offset`` only for a job that does not start the run (older files stay resumable)."""
+        run = dict(
             simulator=simulator,
             physics_note=PHYSICS_NOTE,
             tables_version=TABLES_VERSION,
@@ -85,6 +95,7 @@ class SimulationRequest:
             n=self.n,
             chunk_size=self.chunk_size,
         )
+        return {**run, "offset": self.offset} if self.offset else run
 
     def signature(self, simulator: str) -> str:
         """A hash of everything that determines the output, so only the same run resumes a file."""
