@@ -213,6 +213,17 @@ CASES = [
     Case("evaluate-out-is-a-file", EVAL + " --out {t}/report", 2, "is a file", ("report/metrics.json",), _existing("report")),
     Case("evaluate-complete-report-exists", EVAL + " --out {t}/report", 2, "add --overwrite", ("report/metrics.json",), _existing("report/report.html")),
     Case("evaluate-bad-energy-slice", EVAL + " --slices 20-10 --out {t}/report", 2, "need 0 <= LO < HI", ("report",)),
+    Case("evaluate-description-of-an-unknown-sample", EVAL + " --describe gen=generated --out {t}/report", 2, "no candidate of that name", ("report",)),
+    # show
+    Case("show-missing-file", "show {d}/nothing.h5 --out {t}/s.png", 2, "no such file", ("s.png",)),
+    Case("show-file-is-not-hdf5", "show {d}/notes.h5 --out {t}/s.png", 2, "not a readable HDF5", ("s.png",)),
+    Case("show-file-without-showers", "show {d}/no_showers.h5 --out {t}/s.png", 2, "holds no showers", ("s.png",)),
+    Case("show-index-out-of-range", "show {d}/w.h5 --index 12 --out {t}/s.png", 2, "out of range (0-11)", ("s.png",)),
+    Case("show-negative-index", "show {d}/w.h5 --index -1 --out {t}/s.png", 2, "argument --index", ("s.png",)),
+    Case("show-index-and-energy-together", "show {d}/w.h5 --index 1 --energy 50 --out {t}/s.png", 2, "not allowed with", ("s.png",)),
+    Case("show-compare-with-a-missing-file", "show {d}/w.h5 --compare {d}/nothing.h5 --out {t}/s.png", 2, "no such file", ("s.png",)),
+    Case("show-unknown-image-format", "show {d}/w.h5 --out {t}/s.jpg", 2, ".png, .pdf or .svg", ("s.jpg",)),
+    Case("show-complete-output-exists", "show {d}/w.h5 --out {t}/s.png", 2, "add --overwrite", (), _existing("s.png")),
     # train
     Case("train-without-a-budget", "train --data G4_W:gamma={d}/w.h5 --preset tiny --out {t}/m", 2, "needs a budget", ("m",)),
     Case("train-existing-model-directory", "train --data G4_W:gamma={d}/w.h5 --preset tiny --max-steps 1 --out {t}/m", 2, "already holds a model", ("m/train_log.jsonl",), _model_copy("m")),

@@ -12,12 +12,14 @@ from calofm.evaluation.metrics import (
     Standardiser,
     classifier_auc,
     compare_samples,
+    histogram,
     make_splits,
     reference_edges,
     separation_power,
     w1x100,
 )
 from calofm.evaluation.observables import ObservableConfig, compute_observables, observable_list
+from calofm.evaluation.plots import plot_observable
 
 
 def test_w1_is_zero_for_identical_samples_and_about_100_per_std_of_shift():
@@ -71,7 +73,7 @@ def test_edges_follow_the_reference_and_the_field_conventions(toy_showers):
     oc, mc = ObservableConfig(), MetricConfig()
     obs = compute_observables(toy_showers, oc)
     edges = {o.name: reference_edges(o, obs, oc, mc) for o in observable_list(oc)}
-    assert edges["cell_energy"][0] == pytest.approx(0.01)
+    assert edges["cell_energy"][0] == pytest.approx(oc.threshold_mev)
     assert edges["cell_energy"][-1] == pytest.approx(70.0)
     assert len(edges["energy_per_layer"]) == toy_showers.detector.n_layers + 1
     assert (
@@ -82,6 +84,47 @@ def test_edges_follow_the_reference_and_the_field_conventions(toy_showers):
     )
     assert np.all(np.diff(edges["n_hits"]) == np.diff(edges["n_hits"])[0])
     assert edges["n_hits"][0] % 1 == 0.5
+    for centre in ("cog_x", "cog_y"):  # centred axes: a shift to one side shows at a glance
+        assert edges[centre][0] == pytest.approx(-edges[centre][-1])
+
+
+def test_histogram_counts_showers_beyond_the_range_and_says_how_many():
+    oc, mc = ObservableConfig(), MetricConfig()
+    sample = compute_observables(make_toy_showers(40, seed=5), oc)
+    cog_x = next(o for o in observable_list(oc) if o.name == "cog_x")
+    edges = reference_edges(cog_x, sample, oc, mc)
+    sample.cog_x[:4] = edges[0] - 1.0
+    sample.cog_x[4:5] = edges[-1] + 1.0
+    hist = histogram(cog_x, sample, edges)
+    assert (hist.underflow, hist.overflow) == (pytest.approx(0.1), pytest.approx(0.025))
+    assert hist.values.sum() == pytest.approx(1.0)  # still in the outer bins, for the metrics
+    assert hist.values[0] >= 0.1
+
+
+def test_plots_scale_log_axes_to_the_values_and_mark_outer_bins(tmp_path):
+    """A band reaching zero must not drag a log axis down to 1e-18; showers beyond a scalar's
+    range are counted in hatched outer bins, with their fractions in the legend."""
+    oc, mc = ObservableConfig(), MetricConfig()
+    reference = compute_observables(make_toy_showers(40, seed=1), oc)
+    candidate = compute_observables(make_toy_showers(30, seed=2), oc)
+    candidate.cog_y[:3] = 1e3
+    by_name = {o.name: o for o in observable_list(oc)}
+    for name in ("radial_profile", "cog_y"):
+        obs = by_name[name]
+        edges = reference_edges(obs, reference, oc, mc)
+        ref, cand = histogram(obs, reference, edges), histogram(obs, candidate, edges)
+        if name == "radial_profile":
+            ref = ref._replace(errors=ref.values * 1.5)  # a band far below zero
+        fig = plot_observable(obs, edges, ref, {"model": cand}, tmp_path / f"{name}.png")
+        top = fig.axes[0]
+        texts = [t.get_text() for t in fig.legends[0].get_texts()]
+        assert fig.legends[0].get_title().get_text() == obs.heading
+        if name == "radial_profile":
+            positive = ref.values[ref.values > 0]
+            assert top.get_ylim()[0] >= positive.min() / 2.01
+        else:
+            assert any("10.0% above the range" in t for t in texts)
+            assert "overflow" in [t.get_text() for t in top.texts]
 
 
 def test_shifted_candidate_is_far_from_the_reference_while_the_floor_is_small():

@@ -45,6 +45,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--names", nargs="+", metavar="NAME", help="candidate names (default: file stems)"
     )
+    p.add_argument(
+        "--describe",
+        action="append",
+        default=[],
+        metavar="NAME=TEXT",
+        help="say in the report what a sample is (e.g. 'Geant4=Geant4, the training sample');"
+        " NAME is a candidate name or 'reference' (default: from the file's metadata)",
+    )
     p.add_argument("--max-showers", type=positive_int, metavar="N", help="use the first N showers")
     p.add_argument(
         "--slices",
@@ -89,8 +97,25 @@ def _class_warnings(reference: Path, candidates: dict[str, Path]) -> list[str]:
     return lines
 
 
+def _descriptions(items: list[str], names: list[str]) -> dict[str, str]:
+    """--describe NAME=TEXT options as a dict, each NAME a candidate or 'reference'."""
+    out = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        if not sep or not text.strip():
+            raise CalofmError(f"--describe {item!r}: expected NAME=TEXT")
+        if name == "reference" and name in names:
+            raise CalofmError("--describe reference=...: a candidate is named 'reference' too")
+        if name != "reference" and name not in names:
+            raise CalofmError(
+                f"--describe {name}=...: no candidate of that name ({', '.join(names)})"
+            )
+        out[name] = text.strip()
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
-    from calofm.evaluation.metrics import MetricConfig
+    from calofm.evaluation.metrics import MetricConfig, format_number
     from calofm.evaluation.observables import ObservableConfig
     from calofm.evaluation.report import FLOOR, REPORT_FILE, evaluate
 
@@ -104,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
     from calofm.files import check_output_dir
 
     candidates = dict(zip(names, args.candidates, strict=True))
+    descriptions = _descriptions(args.describe, names)
     out = check_output_dir(args.out)
     if (out / REPORT_FILE).exists() and not args.overwrite:
         raise CalofmError(
@@ -118,17 +144,20 @@ def run(args: argparse.Namespace) -> int:
         observable_config=ObservableConfig(energy_slices_gev=tuple(args.slices)),
         metric_config=MetricConfig(n_splits=args.splits, seed=args.seed),
         max_showers=args.max_showers,
+        descriptions={k: v for k, v in descriptions.items() if k != "reference"},
+        reference_description=descriptions.get("reference"),
     )
     n = metrics["n_compared"]
     rows = [(FLOOR, metrics[FLOOR]), *metrics["candidates"].items()]
     width = max(len(r[0]) for r in rows)
-    print(f"W1x100 at {n} vs {n} showers (mean over {args.splits} splits):")
-    print(f"{'':{width}}  energy_sum  n_hits  cog_z  classifier_auc")
+    columns = ("energy_sum", "n_hits", "cog_z")
+    print(f"W1x100 at {n} vs {n} showers (mean over {args.splits} splits; lower is better):")
+    print(f"{'':{width}}  {'  '.join(f'{c:>10}' for c in columns)}  {'classifier AUC':>14}")
     for name, entry in rows:
         o = entry["observables"]
-        print(
-            f"{name:{width}}  {o['energy_sum']['w1x100']:10.2f}  {o['n_hits']['w1x100']:6.2f}"
-            f"  {o['cog_z']['w1x100']:5.2f}  {entry['classifier_auc']:14.3f}"
-        )
+        values = "  ".join(f"{format_number(o[c]['w1x100']):>10}" for c in columns)
+        print(f"{name:{width}}  {values}  {format_number(entry['classifier_auc']):>14}")
+    for v in metrics["verdicts"].values():
+        print(v["text"])
     print(f"report: {Path(args.out) / REPORT_FILE}")
     return 0

@@ -159,6 +159,20 @@ def read_showers(
         return _read_showerdata(f, info, start, stop)
 
 
+def incident_energies(path: str | os.PathLike[str]) -> np.ndarray:
+    """Every shower's incident energy in GeV, read without the showers (to pick one by energy)."""
+    path = Path(path)
+    with _open(path) as f:
+        info = _header(f, path)
+        if info.format == "getting_high":
+            incident = _getting_high_group(f, path)["energy"][:]
+        else:
+            incident = f["energies"][:]
+    incident = np.asarray(incident, dtype=np.float64).reshape(-1)
+    validate_energies(incident, f"{path}: incident energies")
+    return incident
+
+
 def _read_showerdata(f: h5py.File, info: ShowerFileInfo, start: int, stop: int) -> SparseShowers:
     det = info.detector
     rows = f["showers"][start:stop]

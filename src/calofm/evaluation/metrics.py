@@ -66,11 +66,26 @@ class MetricConfig:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
+def format_number(value: float | None) -> str:
+    """The report's one number format: three significant digits, never an exponent
+    (0.00123, 0.500, 9.14, 123, 1230); "-" for an undefined value."""
+    if value is None or not np.isfinite(value):
+        return "-"
+    if value == 0:
+        return "0"
+    value = float(f"{float(value):.3g}")  # round first: 9.996 becomes 10.0, not 10.00
+    decimals = max(0, 2 - int(np.floor(np.log10(abs(value)))))
+    return f"{value:.{decimals}f}"
+
+
 class Histogram(NamedTuple):
-    """Bin contents and their statistical uncertainties."""
+    """Bin contents and their statistical uncertainties; for scalars also the fractions of showers
+    below and above the range (counted in the outer bins, and marked so in the plots)."""
 
     values: np.ndarray
     errors: np.ndarray
+    underflow: float = 0.0
+    overflow: float = 0.0
 
 
 def reference_edges(
@@ -96,6 +111,9 @@ def reference_edges(
     lo, hi = np.quantile(values, metric_config.range_quantiles)
     pad = metric_config.range_margin * (hi - lo)
     lo, hi = lo - pad, hi + pad
+    if obs.symmetric:  # the axis is centred: a shift to one side is then visible at a glance
+        hi = max(abs(lo), abs(hi))
+        lo = -hi
     if obs.integer:
         width = max(1, int(np.ceil((hi - lo) / n_bins)))
         start = np.floor(lo) - 0.5
@@ -109,8 +127,8 @@ def reference_edges(
 def histogram(obs: Observable, sample: ShowerObservables, edges: np.ndarray) -> Histogram:
     """The histogram the report draws.
 
-    Scalars: unit-normalised counts, values outside the range counted in the outer bins, Poisson
-    errors. Spectrum: cells per shower in each bin (cells outside the range are not part of the
+    Scalars: unit-normalised counts, values outside the range counted in the outer bins (and their
+    fractions returned as under- and overflow), Poisson errors. Spectrum: cells per shower in each bin (cells outside the range are not part of the
     spectrum), Poisson errors. Profiles: mean energy per bin per shower, standard error of the mean.
     """
     values = obs.values(sample)
@@ -121,10 +139,13 @@ def histogram(obs: Observable, sample: ShowerObservables, edges: np.ndarray) -> 
         sem = values.std(axis=0, ddof=1) / np.sqrt(n) if n > 1 else np.zeros(values.shape[1])
         return Histogram(values.mean(axis=0), sem)
     if obs.kind == SCALAR:
-        values = np.clip(values, edges[0], edges[-1])
         scale = max(len(values), 1)
-    else:
-        scale = max(len(sample), 1)
+        under = float(np.sum(values < edges[0])) / scale
+        over = float(np.sum(values > edges[-1])) / scale
+        counts = np.histogram(np.clip(values, edges[0], edges[-1]), bins=edges)[0]
+        counts = counts.astype(np.float64)
+        return Histogram(counts / scale, np.sqrt(counts) / scale, under, over)
+    scale = max(len(sample), 1)
     counts = np.histogram(values, bins=edges)[0].astype(np.float64)
     return Histogram(counts / scale, np.sqrt(counts) / scale)
 

@@ -5,7 +5,8 @@ Python loop per shower, and files are read chunk by chunk so only the observable
 
 Conventions (the field's, see ``shared/research/field-standards.md``):
 - hits count only strictly above ``threshold_mev`` (0.1 MeV, half a MIP, the tokenizer's threshold),
-  except the cell-energy spectrum, which histograms every cell with energy > 0;
+  the cell-energy spectrum included: a generator cannot make cells below the threshold, so a
+  spectrum of Geant4's cells below it would compare something only one sample can have;
 - the shower axis is the beam axis at the grid centre; x/y are cell centres in mm from it;
 - the longitudinal centre of gravity is in layer units (layer 0 first in the beam);
 - a shower without any hit above threshold has centres of gravity 0 (there is nothing to weigh).
@@ -35,7 +36,7 @@ class ObservableConfig:
     """What is measured: hit threshold, cell-spectrum binning, incident-energy slices."""
 
     threshold_mev: float = TokenizerConfig().threshold_mev
-    spectrum_min_mev: float = 0.01
+    spectrum_min_mev: float = TokenizerConfig().threshold_mev
     spectrum_max_mev: float = 70.0
     spectrum_bins: int = 60
     energy_slices_gev: tuple[tuple[float, float], ...] = ((10.0, 20.0), (45.0, 55.0), (90.0, 100.0))
@@ -88,7 +89,7 @@ class ShowerObservables:
     energy_per_layer: np.ndarray  # (N, n_layers) MeV
     radial_profile: np.ndarray  # (N, n_rings) MeV
     cell_offsets: np.ndarray  # (N+1,) into cell_energies
-    cell_energies: np.ndarray  # (H,) MeV, every cell > 0 (spectrum; no threshold)
+    cell_energies: np.ndarray  # (H,) MeV, every cell above threshold (the spectrum)
     radial_edges: np.ndarray  # (n_rings+1,) mm, the radial profile's bin edges
 
     def __len__(self) -> int:
@@ -124,9 +125,6 @@ def compute_observables(showers: SparseShowers, config: ObservableConfig) -> Sho
     edges = radial_edges_mm(det)
     n_rings = len(edges) - 1
 
-    positive = showers.energies > 0
-    cell_counts = np.bincount(showers.shower_index()[positive], minlength=n)
-
     hits = showers.threshold(config.threshold_mev)
     sid = hits.shower_index()
     e = hits.energies.astype(np.float64)
@@ -155,8 +153,8 @@ def compute_observables(showers: SparseShowers, config: ObservableConfig) -> Sho
         radial_profile=np.bincount(sid * n_rings + ring, e, minlength=n * n_rings).reshape(
             n, n_rings
         ),
-        cell_offsets=np.concatenate([[0], np.cumsum(cell_counts)]),
-        cell_energies=showers.energies[positive],
+        cell_offsets=hits.offsets.copy(),
+        cell_energies=hits.energies,
         radial_edges=edges,
     )
 
@@ -203,6 +201,14 @@ SCALAR_LABELS = {
     "cog_y": "centre of gravity y [mm]",
     "response": "response (visible / incident energy)",
 }
+SCALAR_TITLES = {
+    "energy_sum": "Visible energy",
+    "n_hits": "Number of hits",
+    "cog_z": "Longitudinal centre of gravity",
+    "cog_x": "Centre of gravity in x",
+    "cog_y": "Centre of gravity in y",
+    "response": "Response",
+}
 
 
 @dataclass(frozen=True)
@@ -217,6 +223,12 @@ class Observable:
     integer: bool = False  # integer-valued scalars get integer-aligned bins
     log_x: bool = False
     log_y: bool = False
+    title: str = ""  # in words, for readers who do not know the code names; default: the label
+    symmetric: bool = False  # a range symmetric about 0 (transverse centres of gravity)
+
+    @property
+    def heading(self) -> str:
+        return self.title or self.label
 
     def values(self, obs: ShowerObservables) -> np.ndarray:
         """Per-shower values (N,), per-shower profiles (N, K), or every cell energy (H,).
@@ -230,23 +242,44 @@ class Observable:
 def observable_list(config: ObservableConfig) -> list[Observable]:
     """Every observable of the report, in report order."""
     lo, hi = config.spectrum_min_mev, config.spectrum_max_mev
+
+    def scalar(name: str, **kwargs: object) -> Observable:
+        return Observable(
+            name, SCALAR_LABELS[name], SCALAR, name, title=SCALAR_TITLES[name], **kwargs
+        )
+
     items = [
         Observable(
             "cell_energy",
-            f"cell energy [MeV] (all cells > 0, {lo:g}-{hi:g} MeV)",
+            f"cell energy [MeV] (cells above {config.threshold_mev:g} MeV, {lo:g}-{hi:g} MeV)",
             SPECTRUM,
             "cell_energies",
             log_x=True,
             log_y=True,
+            title="Cell energy spectrum",
         ),
-        Observable("energy_sum", SCALAR_LABELS["energy_sum"], SCALAR, "energy_sum"),
-        Observable("n_hits", SCALAR_LABELS["n_hits"], SCALAR, "n_hits", integer=True),
-        Observable("cog_z", SCALAR_LABELS["cog_z"], SCALAR, "cog_z"),
-        Observable("energy_per_layer", "layer", PROFILE, "energy_per_layer", log_y=True),
-        Observable("radial_profile", "radius [mm]", PROFILE, "radial_profile", log_y=True),
-        Observable("cog_x", SCALAR_LABELS["cog_x"], SCALAR, "cog_x"),
-        Observable("cog_y", SCALAR_LABELS["cog_y"], SCALAR, "cog_y"),
-        Observable("response", SCALAR_LABELS["response"], SCALAR, "response"),
+        scalar("energy_sum"),
+        scalar("n_hits", integer=True),
+        scalar("cog_z"),
+        Observable(
+            "energy_per_layer",
+            "layer",
+            PROFILE,
+            "energy_per_layer",
+            log_y=True,
+            title="Mean energy per layer",
+        ),
+        Observable(
+            "radial_profile",
+            "radius [mm]",
+            PROFILE,
+            "radial_profile",
+            log_y=True,
+            title="Mean radial energy profile",
+        ),
+        scalar("cog_x", symmetric=True),
+        scalar("cog_y", symmetric=True),
+        scalar("response"),
     ]
     for e_lo, e_hi in config.energy_slices_gev:
         for name in config.slice_observables:
@@ -258,6 +291,8 @@ def observable_list(config: ObservableConfig) -> list[Observable]:
                     name,
                     energy_slice=(e_lo, e_hi),
                     integer=name == "n_hits",
+                    title=f"{SCALAR_TITLES[name]}, incident energy {e_lo:g}-{e_hi:g} GeV",
+                    symmetric=name in ("cog_x", "cog_y"),
                 )
             )
     return items

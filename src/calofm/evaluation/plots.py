@@ -1,7 +1,10 @@
 """One PNG per observable: the reference and every candidate overlaid, and their ratios to it.
 
 Bands are the statistical uncertainties of ``metrics.histogram`` (Poisson for counts, standard error
-of the mean for profiles). Figures are built without pyplot, so no global backend state is touched.
+of the mean for profiles). A logarithmic axis is scaled to the drawn values, not to their bands (a
+band reaching zero would stretch it over many decades). Showers outside a scalar's range are counted
+in its outer bins, which are then hatched and the fractions given in the legend. Figures are built
+without pyplot, so no global backend state is touched.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import os
 import numpy as np
 from matplotlib.figure import Figure
 
-from calofm.evaluation.metrics import Histogram
+from calofm.evaluation.metrics import Histogram, format_number
 from calofm.evaluation.observables import PROFILE, SCALAR, Observable
 
 REFERENCE_COLOUR = "0.35"
@@ -50,6 +53,46 @@ def _ratio(num: Histogram, den: Histogram) -> tuple[np.ndarray, np.ndarray]:
     return ratio, err
 
 
+def _outside(hist: Histogram) -> str:
+    """A second legend line, '4.10% below, 0.300% above the range (...)', for a histogram with
+    under- or overflow; nothing otherwise."""
+    parts = [
+        f"{format_number(100 * frac)}% {where}"
+        for frac, where in ((hist.underflow, "below"), (hist.overflow, "above"))
+        if frac > 0
+    ]
+    return f"\n{', '.join(parts)} the range (counted in the hatched outer bins)" if parts else ""
+
+
+def _mark_outer_bins(ax, edges: np.ndarray, hists: list[Histogram]) -> None:
+    """Hatch an outer bin that also holds the showers beyond the range, and say so in it."""
+    for frac, lo, hi, text, align in (
+        (max(h.underflow for h in hists), edges[0], edges[1], "underflow", "left"),
+        (max(h.overflow for h in hists), edges[-2], edges[-1], "overflow", "right"),
+    ):
+        if frac > 0:
+            ax.axvspan(lo, hi, facecolor="none", edgecolor="0.6", hatch="///", linewidth=0)
+            ax.text(
+                lo if align == "left" else hi,
+                0.98,
+                text,
+                transform=ax.get_xaxis_transform(),
+                ha=align,
+                va="top",
+                fontsize=7,
+                color="0.3",
+            )
+
+
+def _log_limits(hists: list[Histogram]) -> tuple[float, float] | None:
+    """y-limits of a log axis from the drawn values alone (not their bands)."""
+    values = np.concatenate([h.values for h in hists])
+    positive = values[np.isfinite(values) & (values > 0)]
+    if not len(positive):
+        return None
+    return float(positive.min()) / 2, float(positive.max()) * 2
+
+
 def plot_observable(
     obs: Observable,
     edges: np.ndarray,
@@ -58,12 +101,19 @@ def plot_observable(
     path: str | os.PathLike[str],
     legend: dict[str, str] | None = None,
     reference_name: str = "reference",
-) -> None:
-    """Draw ``obs`` into ``path`` (PNG); ``legend`` adds text (e.g. the metrics) per sample name."""
+) -> Figure:
+    """Draw ``obs`` into ``path`` (PNG) and return the figure; ``legend`` adds text (e.g. the
+    metrics) per sample name."""
     legend = legend or {}
+    labels = {
+        name: f"{name} {legend.get(name, '')}".strip() + _outside(hist)
+        for name, hist in [(reference_name, reference), *candidates.items()]
+    }
+    limits = _log_limits([reference, *candidates.values()]) if obs.log_y else None
+    floor_y = limits[0] if limits else 0.0  # bands stop at the axis' bottom, not at zero
     # Fixed margins (a constrained layout costs more than the rest of the plot); the legend sits
     # in a header sized to its number of lines, so it never hides the data.
-    header_in = 0.2 + 0.14 * (2 + len(candidates))
+    header_in = 0.2 + 0.14 * (1 + sum(label.count("\n") + 1 for label in labels.values()))
     height_in = 5.0 + header_in
     fig = Figure(figsize=(6.4, height_in))
     fig.subplots_adjust(left=0.13, right=0.97, bottom=0.09, top=1 - header_in / height_in)
@@ -75,7 +125,7 @@ def plot_observable(
     _band(
         top,
         edges,
-        np.clip(ref.values - ref.errors, 0, None),
+        np.clip(ref.values - ref.errors, floor_y, None),
         ref.values + ref.errors,
         REFERENCE_COLOUR,
         0.25,
@@ -86,7 +136,7 @@ def plot_observable(
         where="post",
         color=REFERENCE_COLOUR,
         linewidth=2,
-        label=f"{reference_name} {legend.get(reference_name, '')}".strip(),
+        label=labels[reference_name],
     )
     ref_rel = np.divide(
         ref.errors, ref.values, out=np.full(len(ref.values), np.nan), where=ref.values > 0
@@ -103,12 +153,12 @@ def plot_observable(
             where="post",
             color=colour,
             linewidth=1.5,
-            label=f"{name} {legend.get(name, '')}".strip(),
+            label=labels[name],
         )
         _band(
             top,
             edges,
-            np.clip(hist.values - hist.errors, 0, None),
+            np.clip(hist.values - hist.errors, floor_y, None),
             hist.values + hist.errors,
             colour,
             0.2,
@@ -127,11 +177,21 @@ def plot_observable(
         top.set_xscale("log")
     if obs.log_y:
         top.set_yscale("log")
+        if limits:
+            top.set_ylim(*limits)
+    if obs.kind == SCALAR:
+        _mark_outer_bins(top, edges, [reference, *candidates.values()])
     top.set_ylabel(Y_LABELS.get(obs.kind, SPECTRUM_Y_LABEL))
     fig.legend(
-        loc="upper center", bbox_to_anchor=(0.55, 1.0), fontsize=7, frameon=False, title=obs.name
+        loc="upper center",
+        bbox_to_anchor=(0.55, 1.0),
+        fontsize=7,
+        frameon=False,
+        title=obs.heading,
+        title_fontproperties={"weight": "bold", "size": 9},
     )
-    bottom.set_ylabel("ratio to ref.")
+    bottom.set_ylabel("ratio to reference")
     bottom.set_xlabel(obs.label)
     bottom.set_xlim(edges[0], edges[-1])
     fig.savefig(path, dpi=110, format="png")
+    return fig

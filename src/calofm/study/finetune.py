@@ -351,7 +351,8 @@ def _evaluate(reference: str, candidates: dict[str, Path], out: Path, config: St
             and done.stat().st_mtime > newest
         ):
             return old
-    return evaluate(reference, candidates, out, metric_config=metric_config)
+    # no event displays: one row of dozens of runs' showers says little; figures/ compares them
+    return evaluate(reference, candidates, out, metric_config=metric_config, event_displays=False)
 
 
 def _scores(entry: dict) -> dict[str, float]:
