@@ -80,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
         nearest_index,
         save_figure,
     )
+    from calofm.evaluation.metrics import format_number
     from calofm.files import atomic_output, check_output_file
 
     fmt = figure_format(args.out)
@@ -96,7 +97,8 @@ def run(args: argparse.Namespace) -> int:
     with atomic_output(out) as tmp:
         save_figure(figure, tmp, fmt)
     shown = " beside ".join(
-        f"shower {v.index} of {v.source} ({float(v.shower.incident[0]):.4g} GeV)" for v in views
+        f"shower {v.index} of {v.source} ({format_number(float(v.shower.incident[0]))} GeV)"
+        for v in views
     )
     print(f"{out}: {shown}")
     return 0

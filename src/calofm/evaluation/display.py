@@ -133,7 +133,7 @@ def _draw(subfig, view: ShowerView, norm: LogNorm, threshold_mev: float, half: i
     grid = subfig.add_gridspec(
         2,
         1,
-        height_ratios=[5.0, 1.1 * rows],
+        height_ratios=[4.0, 1.1 * rows],
         hspace=0.1,
         left=0.02,
         right=0.98,
@@ -160,7 +160,7 @@ def _draw(subfig, view: ShowerView, norm: LogNorm, threshold_mev: float, half: i
     ax.set_xlim(0, det.n_layers - 1)
     ax.set_ylim(-half_x, half_x)
     ax.set_zlim(-half_y, half_y)
-    ax.set_box_aspect((2.2, 1, 1), zoom=1.35)
+    ax.set_box_aspect((2.2, 1, 1), zoom=1.5)
     ax.view_init(elev=18, azim=-62)
     ax.set_xlabel("layer (beam direction)", fontsize=8, labelpad=2)
     ax.set_ylabel("x [mm]", fontsize=8, labelpad=2)
@@ -212,7 +212,7 @@ def event_display(views: list[ShowerView], threshold_mev: float | None = None) -
 
     half = _map_half_width(views, threshold)
 
-    fig = Figure(figsize=(6.0 * len(views) + 0.9, 6.6))
+    fig = Figure(figsize=(6.0 * len(views) + 0.9, 6.0))
     panels = fig.subfigures(1, len(views) + 1, width_ratios=[6.0] * len(views) + [0.9], wspace=0)
     mappable = None
     for panel, view in zip(panels[:-1], views, strict=True):

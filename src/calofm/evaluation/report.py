@@ -266,7 +266,7 @@ td, th { border: 1px solid #bbb; padding: 0.25em 0.6em; text-align: right; }
 td { white-space: nowrap; }
 th { background: #eee; }
 tbody th { text-align: left; font-weight: normal; background: #f7f7f7; }
-td.left { text-align: left; }
+td.left, table.samples thead th { text-align: left; }
 .floor { background: #f0f0f0; }
 .ratio { color: #555; font-size: 0.9em; }
 .level0 { background: #e3f4e1; } .level1 { background: #fbf5d4; }
@@ -298,8 +298,8 @@ def _samples_table(metrics: dict) -> str:
             f"<td>{sample['n_showers']}</td></tr>"
         )
     return (
-        "<table><thead><tr><th>sample</th><th>role</th><th>what it is</th><th>file</th>"
-        f"<th>showers</th></tr></thead><tbody>{''.join(rows)}</tbody></table>"
+        '<table class="samples"><thead><tr><th>sample</th><th>role</th><th>what it is</th>'
+        f"<th>file</th><th>showers</th></tr></thead><tbody>{''.join(rows)}</tbody></table>"
     )
 
 
