@@ -59,6 +59,7 @@ ARMS = {
     **{f"+head{k}": {**OPTIONS["+head"], **v} for k, v in OPTIONS.items() if k != "+head"},
     "all": {k: v for o in OPTIONS.values() for k, v in o.items()},
     "small": dict(DESIGN),  # the small preset's choice: all but falling energies, one stop decision
+    "small+totals": {**DESIGN, "totals": True},  # hit count and visible energy drawn first
 }
 CLASSES = {"G4_W:gamma": "W", "G4_Ta:gamma": "Ta"}
 HEADLINE = ("energy_sum", "response", "n_hits", "cog_z", "cog_x", "energy_per_layer")

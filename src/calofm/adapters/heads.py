@@ -168,14 +168,18 @@ class RoutedVoxelHead(nn.Module):
         top_p: float | None = None,
         layer_bias: torch.Tensor | None = None,
         routing: Routing | None = None,
+        can_end: torch.Tensor | None = None,
     ) -> torch.Tensor:
         return self._routed(
             routing,
-            lambda head, h, u, used, bias: head.sample(h, u, used, temperature, top_k, top_p, bias),
+            lambda head, h, u, used, bias, end: head.sample(
+                h, u, used, temperature, top_k, top_p, bias, can_end=end
+            ),
             h,
             u,
             used,
             self._layer_bias(routing),
+            can_end,
         )
 
     def never_end(self) -> None:

@@ -6,10 +6,15 @@ being computed but its tokens are no longer recorded, so every decode step has t
 ``max_hits`` hits: a shower that reaches ``max_hits`` hits without EOS keeps those hits and is
 counted as truncated in the statistics (never silently cut).
 
+A model with shower totals (``ModelConfig.totals``) first draws each shower's hit count and
+visible energy; the shower then ends at exactly that hit count (end-of-sequence is masked before it
+and forced at it), and its cell energies are scaled so that they sum to the drawn visible energy.
+
 Reproducibility: row ``r`` (counted from ``first_row``) draws all its randomness (four uniforms
 per step, and the energies inside their bins) from its own stream
-``seeded_rng(seed, ROWS, r)``, so a shower depends on the seed and its row number, not on the
-batch size or the other rows (up to float round-off in batched matrix products).
+``seeded_rng(seed, ROWS, r)``, and its totals from ``seeded_rng(seed, TOTALS, r)``, so a shower
+depends on the seed and its row number, not on the batch size or the other rows (up to float
+round-off in batched matrix products).
 """
 
 from __future__ import annotations
@@ -26,11 +31,12 @@ from calofm.errors import CalofmError
 from calofm.generation.sampler import SamplingConfig
 from calofm.model.conditions import Conditions
 from calofm.model.config import parse_class
+from calofm.model.totals import from_point
 from calofm.model.transformer import CaloFM
 from calofm.tokens import Tokenizer
 
 # Independent random streams derived from one seed (SeedSequence spawn keys).
-ROWS, INCIDENT = 0, 1
+ROWS, INCIDENT, TOTALS = 0, 1, 2
 
 
 def seeded_rng(seed: int, *key: int) -> np.random.Generator:
@@ -58,7 +64,7 @@ N_UNIFORMS = 4
 @torch.no_grad()
 def decode(
     model: CaloFM,
-    incident: torch.Tensor,
+    cond: Conditions | torch.Tensor,
     class_id: torch.Tensor,
     sampling: SamplingConfig,
     max_hits: int,
@@ -67,16 +73,18 @@ def decode(
 ) -> DecodedBatch:
     """Generate one batch of token sequences.
 
-    ``incident`` (B,) is the scaled incident energy, ``uniforms`` (B, max_hits + 1, N_UNIFORMS)
-    float64 (None for greedy decoding). ``use_cache=False`` recomputes the whole prefix at every
+    ``cond``: the conditions, or a bare (B,) tensor of scaled incident energies; where it carries
+    shower totals, row i ends after exactly ``cond.n_hits[i]`` hits (at most ``max_hits``).
+    ``uniforms`` (B, max_hits + 1, N_UNIFORMS) float64 (None for greedy decoding). ``use_cache=False`` recomputes the whole prefix at every
     step (the reference for tests and benchmarks; only the last position goes through the heads).
     A voxel is never drawn twice when the model was trained so (``exclude_used_voxels``) or when
     ``sampling.unique_voxels`` asks for it.
     """
     tok = model.tokenizer
-    b, dev = len(incident), incident.device
+    cond = Conditions.of(cond)
+    b, dev = len(cond), cond.incident.device
     routing = model.routing(class_id)
-    cond = Conditions(incident)
+    stop_at = cond.n_hits if cond.has_totals else None
     seq_s = torch.full((b, max_hits + 1), tok.spatial_pad, dtype=torch.long, device=dev)
     seq_e = torch.full((b, max_hits + 1), tok.energy_pad, dtype=torch.long, device=dev)
     seq_s[:, 0], seq_e[:, 0] = tok.spatial_sos, tok.energy_sos
@@ -101,6 +109,7 @@ def decode(
         for step in range(max_hits + 1):
             h = last_hidden(step)
             steps += 1
+            at_end = None if stop_at is None else n_hits >= stop_at
             s, e = model.next_tokens(
                 h,
                 routing,
@@ -110,7 +119,10 @@ def decode(
                 sampling.temperature_at(step, max_hits),
                 sampling.top_k,
                 sampling.top_p,
+                at_end,
             )
+            if at_end is not None:
+                s = torch.where(at_end, tok.spatial_eos, s)
             done |= (s == tok.spatial_eos) | (e == tok.energy_eos)
             if step == max_hits or bool(done.all()):
                 break
@@ -187,6 +199,7 @@ def generate(
 
     parts: dict[str, list[SparseShowers]] = {c: [] for c in dict.fromkeys(per_row)}
     stats = dict(n_showers=n, n_hits=0, n_duplicates=0, n_truncated=0, steps=0, max_hits=max_hits)
+    scales: list[float] = []  # drawn over decoded visible energy, per shower with totals
     t0 = time.perf_counter()
     for start in range(0, n, batch_size):
         rows = range(start, min(start + batch_size, n))
@@ -195,14 +208,19 @@ def generate(
         if not sampling.greedy:
             draws = np.stack([g.random((max_hits + 1, N_UNIFORMS)) for g in rngs])
             uniforms = torch.from_numpy(draws).to(dev)
-        out = decode(
-            model,
-            torch.from_numpy(scaled[rows.start : rows.stop]).to(dev),
-            torch.from_numpy(class_ids[rows.start : rows.stop]).to(dev),
-            sampling,
-            max_hits,
-            uniforms,
-        )
+        class_id = torch.from_numpy(class_ids[rows.start : rows.stop]).to(dev)
+        cond = Conditions(torch.from_numpy(scaled[rows.start : rows.stop]).to(dev))
+        visible = None
+        if model.totals is not None:
+            u = np.stack([seeded_rng(seed, TOTALS, first_row + r).random(3) for r in rows])
+            point = model.totals.sample(
+                cond.features(model.energy_head.weight.dtype),
+                model.routing(class_id),
+                torch.from_numpy(u).to(dev),
+            )
+            cond = cond.with_totals(*from_point(point, max_hits))
+            visible = cond.visible.cpu().numpy()
+        out = decode(model, cond, class_id, sampling, max_hits, uniforms)
         stats["steps"] += out.steps
         stats["n_truncated"] += int(out.truncated.sum())
         for i, r in enumerate(rows):
@@ -216,6 +234,10 @@ def generate(
                 particle,
                 rngs[i],
             )
+            if visible is not None and k:  # the drawn visible energy, exactly
+                scale = visible[i] / showers.energies.sum(dtype=np.float64)
+                showers.energies *= np.float32(scale)
+                scales.append(scale)
             parts[per_row[r]].append(showers)
             stats["n_hits"] += k
             stats["n_duplicates"] += n_dup
@@ -229,4 +251,6 @@ def generate(
         hits_per_s=stats["n_hits"] / seconds if seconds > 0 else float("inf"),
         sampling=sampling.to_dict(),
     )
+    if scales:  # how far the hits' own energies were from the drawn visible energy
+        stats["visible_scale_quantiles"] = np.quantile(scales, [0.05, 0.5, 0.95]).tolist()
     return {c: concatenate(p) for c, p in parts.items()}, stats

@@ -33,6 +33,9 @@ class ModelConfig:
     # shower that goes on. With two stop decisions drawn independently a shower ends if either says
     # so, which nearly doubles the chance of stopping at every step.
     single_stop: bool = False
+    # A shower's hit count and visible energy are drawn first (calofm.model.totals) and every
+    # position is conditioned on them; the shower ends at that hit count.
+    totals: bool = False
 
     def __post_init__(self) -> None:
         if self.d_model <= 0 or self.n_heads <= 0 or self.n_blocks <= 0 or self.ffn_mult <= 0:

@@ -13,7 +13,8 @@ layer biases) in ``calofm.adapters.heads``:
   shower already has are excluded from the normalisation (the model learns the distribution it is
   sampled from, where a voxel is used once);
 - ``scores``: full logits over the spatial vocabulary (for tests and the recompute reference);
-- ``sample``: the next voxel per row, in generation, never one in ``used``.
+- ``sample``: the next voxel per row, in generation, never one in ``used``, and end-of-sequence
+  only where ``can_end`` allows it.
 
 ``layer_bias`` (B, layers), where given, is added to every voxel's logit by its layer (flat) or to
 the layer logits (factorised): the per-class conditioning adapter moves hits between layers. The
@@ -105,9 +106,12 @@ class FlatVoxelHead(RoutedLinear):
         top_p: float | None = None,
         layer_bias: torch.Tensor | None = None,
         routing: Routing | None = None,
+        can_end: torch.Tensor | None = None,
     ) -> torch.Tensor:
         logits = self.scores(h, layer_bias).float()
         logits[:, [self.sos, self.pad]] = float("-inf")
+        if can_end is not None:
+            logits[:, self.eos].masked_fill_(~can_end, float("-inf"))
         if used is not None:
             logits[:, : self.n_voxels].masked_fill_(used, float("-inf"))
         return sample(logits, None if u is None else u[:, 0], temperature, top_k, top_p)
@@ -224,6 +228,7 @@ class FactorisedVoxelHead(nn.Module):
         top_p: float | None = None,
         layer_bias: torch.Tensor | None = None,
         routing: Routing | None = None,
+        can_end: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Layer, then x, then y, each from its conditional (top-k/p and temperature per part).
 
@@ -233,6 +238,8 @@ class FactorisedVoxelHead(nn.Module):
         rows = torch.arange(b, device=h.device)
         grid = None if used is None else used.view(b, self.n_layers, self.nx, self.ny)
         logits = self._layer_logits(h, layer_bias).float()
+        if can_end is not None:
+            logits[:, self.n_layers].masked_fill_(~can_end, float("-inf"))
         if grid is not None:
             logits[:, : self.n_layers].masked_fill_(grid.flatten(2).all(-1), float("-inf"))
         layer = sample(logits, None if u is None else u[:, 0], temperature, top_k, top_p)

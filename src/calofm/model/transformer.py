@@ -28,17 +28,14 @@ from torch import nn
 from calofm.detector import DetectorConfig
 from calofm.errors import CalofmError
 from calofm.model.attention import Attention, RotaryEmbedding
-from calofm.model.conditions import Conditions
+from calofm.model.conditions import LOG_HITS_SCALE, LOG_MEV_SCALE, Conditions
 from calofm.model.config import ModelConfig, parse_class
 from calofm.model.experts import EmbeddingHook, Experts, RoutedLinear, Routing
 from calofm.model.heads import voxel_head
 from calofm.model.kv_cache import KVCache
 from calofm.model.sampling import sample
+from calofm.model.totals import ShowerTotals
 from calofm.tokens import Tokenizer, TokenizerConfig
-
-# Scales of the shower-state features (log1p of MeV deposited, log1p of hits so far), so that
-# both are of order one over the showers of a 30-layer ECAL (up to ~2.5 GeV visible, 1800 hits).
-STATE_SCALES = (8.0, 7.5)
 
 
 class Block(nn.Module):
@@ -104,8 +101,11 @@ class CaloFM(nn.Module):
         self.register_buffer("bin_mev", bin_mev, persistent=False)
         energy_ids = torch.arange(tokenizer.energy_vocab)
         self.register_buffer("energy_ids", energy_ids, persistent=False)
+        n_state = (2 + 2 * config.totals) * config.shower_state  # remaining hits/energy too
         n_context = (
-            Conditions.N_FEATURES * config.condition_every_position + 2 * config.shower_state
+            Conditions.N_FEATURES * config.condition_every_position
+            + Conditions.N_TOTALS * config.totals
+            + n_state
         )
         self.context = (
             nn.Sequential(nn.Linear(n_context, d), nn.GELU(), nn.Linear(d, d))
@@ -126,6 +126,8 @@ class CaloFM(nn.Module):
         )
         self.energy_head = RoutedLinear(d, tokenizer.energy_vocab)
         self.apply(self._init_weights)
+        # Initialised after the others: the totals networks keep PyTorch's default initialisation.
+        self.totals = ShowerTotals(len(classes), Conditions.N_FEATURES) if config.totals else None
 
     def _geometry_table(self) -> torch.Tensor:
         """(spatial_vocab, 3) of (layer, x, y) per spatial id; special ids get (L, nx, ny)."""
@@ -175,6 +177,8 @@ class CaloFM(nn.Module):
             if src is None:
                 expert.apply(self._init_weights)
             params.extend(expert.parameters())
+        if self.totals is not None:
+            params.extend(self.totals.add(src).parameters())
         self.classes.append(name)
         return params
 
@@ -198,6 +202,10 @@ class CaloFM(nn.Module):
         parts = []
         if self.config.condition_every_position:
             parts.append(cond.features(dtype)[:, None, :].expand(b, t, -1))
+        if self.config.totals:
+            if not cond.has_totals:
+                raise CalofmError("model: a model with shower totals needs them in the conditions")
+            parts.append(cond.totals_features(dtype)[:, None, :].expand(b, t, -1))
         if self.config.shower_state:
             deposited = self.bin_mev[energy].cumsum(dim=1)
             if start is not None:
@@ -207,9 +215,13 @@ class CaloFM(nn.Module):
                     deposited = deposited + self.deposited[:, None]
                 self.deposited.copy_(deposited[:, -1])
             first = start or 0
-            hits = torch.arange(first, first + t, device=energy.device, dtype=dtype)
-            state = [torch.log1p(deposited).to(dtype), torch.log1p(hits).expand(b, t)]
-            parts.append(torch.stack(state, dim=-1) / torch.tensor(STATE_SCALES, dtype=dtype))
+            hits = torch.arange(first, first + t, device=energy.device, dtype=dtype).expand(b, t)
+            deposited = deposited.to(dtype)
+            state = [torch.log1p(deposited) / LOG_MEV_SCALE, torch.log1p(hits) / LOG_HITS_SCALE]
+            if self.config.totals:  # what is left to deposit, as fractions of the totals
+                state.append(1 - deposited / cond.visible.to(dtype)[:, None].clamp(min=1e-3))
+                state.append(1 - hits / cond.n_hits.to(dtype)[:, None].clamp(min=1))
+            parts.append(torch.stack(state, dim=-1))
         return self.context(torch.cat(parts, dim=-1))
 
     def _embed(
@@ -293,6 +305,15 @@ class CaloFM(nn.Module):
             logits = logits.masked_fill(above, float("-inf"))
         return logits
 
+    def totals_of(
+        self, spatial: torch.Tensor, energy: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hit count (B,) and visible MeV (B,) of token sequences: hits are the regular spatial
+        tokens, the visible energy is the sum of their bins' mean energies (as the state's)."""
+        n_hits = (spatial < self.tokenizer.n_voxels).sum(1)
+        visible = self.bin_mev[energy].sum(1).clamp(min=self.tokenizer.threshold_mev)
+        return n_hits, visible
+
     def logits(
         self, h: torch.Tensor, routing: Routing, previous_energy: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -323,6 +344,9 @@ class CaloFM(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(total, spatial NLL, energy NLL) in nats per token on full (B, T+1) sequences.
 
+        With shower totals every position is conditioned on the totals the shower's tokens have;
+        the totals model itself is fitted apart (``calofm.training.totals``).
+
         PAD targets are ignored; with ``single_stop`` the energy stream's EOS targets count zero
         nats (the voxel head predicts the end), so both NLLs stay means over the same target
         tokens and batch means combine exactly (validation, DDP). With ``exclude_used_voxels``
@@ -334,6 +358,9 @@ class CaloFM(nn.Module):
         routing = self.routing(class_id)
         inputs_s, inputs_e = spatial_full[:, :-1], energy_full[:, :-1]
         targets_s, targets_e = spatial_full[:, 1:], energy_full[:, 1:]
+        cond = Conditions.of(cond)
+        if self.totals is not None:  # conditioned on the totals the shower's tokens have
+            cond = cond.with_totals(*self.totals_of(targets_s, targets_e))
         h = self.ln_f(self.hidden_states(inputs_s, inputs_e, cond, routing)[-1])
         history = inputs_s if self.config.exclude_used_voxels else None
         log_p = self.spatial_head.log_prob(h, targets_s, history, routing=routing)
@@ -365,17 +392,26 @@ class CaloFM(nn.Module):
         temperature: float,
         top_k: int | None = None,
         top_p: float | None = None,
+        can_end: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Draw the next (voxel, energy bin) per row from the last block's output ``h`` (B, d).
 
         ``u`` (B, 4): the row's uniforms for this step (layer, x, y, energy; a flat head uses the
         first for the voxel); ``used`` (B, n_voxels) the voxels never to draw again (or None);
-        ``previous_energy`` (B,) the last energy token fed. SOS and PAD never come out.
+        ``previous_energy`` (B,) the last energy token fed; ``can_end`` (B,) bool: rows whose
+        voxel head may end the shower here (None: all). SOS and PAD never come out.
         """
         tok = self.tokenizer
         h = self.ln_f(h)
         s = self.spatial_head.sample(
-            h, None if u is None else u[:, :3], used, temperature, top_k, top_p, routing=routing
+            h,
+            None if u is None else u[:, :3],
+            used,
+            temperature,
+            top_k,
+            top_p,
+            routing=routing,
+            can_end=can_end,
         )
         le = self._energy_logits(h, routing, previous_energy).float()
         le[:, [tok.energy_sos, tok.energy_pad]] = float("-inf")

@@ -28,6 +28,7 @@ from calofm.training import distributed
 from calofm.training.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from calofm.training.config import TrainConfig
 from calofm.training.logs import TrainLog
+from calofm.training.totals import fit_trainable_totals
 
 LOG_FILE = "train_log.jsonl"
 PLOT_FILE = "loss_curve.png"
@@ -293,6 +294,10 @@ def _run(
             flush=True,
         )
     log = TrainLog(out_dir / LOG_FILE, resume_step=step if resume else None) if main else None
+    if not resume:  # every process fits the same networks from the same seed
+        fitted = fit_trainable_totals(model, train_set, {id(p) for p in params}, config.seed)
+        if fitted and main:
+            print(fitted, flush=True)
 
     net: nn.Module = _LossModule(model)
     if env.active:

@@ -1,0 +1,99 @@
+"""Shower totals: a shower's hit count and visible energy, drawn before its first hit.
+
+A next-hit model sets a shower's totals only through its stop decision and the energies it draws
+one by one; small errors in each add up to a spread of the response several times Geant4's. The
+totals model learns their joint distribution given the conditions, a two-dimensional Gaussian
+mixture in (log hits, log visible MeV), and the transformer is conditioned on the drawn totals at
+every position, so each shower is generated to have them (the two-stage design of the field's
+flows, which first learn the energy per layer and then the shower given it).
+
+One small network per class, routed like the experts: a new class adds its own network, so the
+totals of the classes already learned never change.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from calofm.model.experts import Routing
+
+# Parameters per mixture component: one weight logit, two means, three Cholesky entries.
+_PER_COMPONENT = 6
+_MIN_LOG_SCALE = -7.0
+
+
+class ShowerTotals(nn.Module):
+    """P(log hits, log visible MeV | conditions, class) as a Gaussian mixture per class."""
+
+    def __init__(self, n_classes: int, n_features: int, hidden: int = 64, components: int = 8):
+        super().__init__()
+        self.n_features, self.hidden, self.components = n_features, hidden, components
+        self.nets = nn.ModuleList(self._net() for _ in range(n_classes))
+
+    def _net(self) -> nn.Sequential:
+        return nn.Sequential(
+            nn.Linear(self.n_features, self.hidden),
+            nn.GELU(),
+            nn.Linear(self.hidden, self.hidden),
+            nn.GELU(),
+            nn.Linear(self.hidden, self.components * _PER_COMPONENT),
+        )
+
+    def add(self, init_from: int | None = None) -> nn.Sequential:
+        """Append a class's network: a copy of ``init_from``'s, or freshly initialised."""
+        ref = self.nets[0][0].weight
+        net = self._net().to(device=ref.device, dtype=ref.dtype)
+        if init_from is not None:
+            net.load_state_dict(self.nets[init_from].state_dict())
+        self.nets.append(net)
+        return net
+
+    def mixture(
+        self, features: torch.Tensor, routing: Routing
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Log weights (B, K), means (B, K, 2) and lower Cholesky factors (B, K, 2, 2)."""
+        out = routing.by_class.apply(features, lambda c, rows: self.nets[c](rows)).float()
+        out = out.view(len(features), self.components, _PER_COMPONENT)
+        log_w = torch.log_softmax(out[..., 0], dim=-1)
+        mean = out[..., 1:3]
+        s1, s2 = out[..., 3:5].clamp(min=_MIN_LOG_SCALE).exp().unbind(-1)
+        zero = torch.zeros_like(s1)
+        tril = torch.stack([torch.stack([s1, zero], -1), torch.stack([out[..., 5], s2], -1)], -2)
+        return log_w, mean, tril
+
+    def log_prob(self, features: torch.Tensor, routing: Routing, z: torch.Tensor) -> torch.Tensor:
+        """Log density (B,) of points ``z`` (B, 2) = (log hits, log visible MeV)."""
+        log_w, mean, tril = self.mixture(features, routing)
+        diff = (z.float()[:, None, :] - mean)[..., None]  # (B, K, 2, 1)
+        white = torch.linalg.solve_triangular(tril, diff, upper=False)[..., 0]
+        log_det = tril.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+        log_n = -0.5 * (white**2).sum(-1) - log_det - math.log(2 * math.pi)
+        return torch.logsumexp(log_w + log_n, dim=-1)
+
+    @torch.no_grad()
+    def sample(self, features: torch.Tensor, routing: Routing, u: torch.Tensor) -> torch.Tensor:
+        """Points (B, 2) from the rows' uniforms ``u`` (B, 3): component, then two normals."""
+        log_w, mean, tril = self.mixture(features, routing)
+        cdf = log_w.exp().cumsum(-1)
+        k = torch.searchsorted(cdf, u[:, :1].to(cdf.dtype) * cdf[:, -1:]).clamp(
+            max=self.components - 1
+        )[:, 0]
+        rows = torch.arange(len(k), device=k.device)
+        radius = torch.sqrt(-2 * torch.log1p(-u[:, 1].float()))  # Box-Muller, u in [0, 1)
+        angle = 2 * math.pi * u[:, 2].float()
+        normal = torch.stack([radius * angle.cos(), radius * angle.sin()], -1)
+        return mean[rows, k] + (tril[rows, k] @ normal[..., None])[..., 0]
+
+
+def to_point(n_hits: torch.Tensor, visible_mev: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """(log(hits + u), log visible MeV): a count made continuous by a uniform ``u`` in [0, 1)."""
+    return torch.stack([torch.log(n_hits.float() + u), torch.log(visible_mev.float())], -1)
+
+
+def from_point(z: torch.Tensor, max_hits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hits (B,) long in [1, max_hits] and visible MeV (B,) of points ``z`` (B, 2)."""
+    n = torch.floor(torch.exp(z[:, 0].clamp(max=math.log(max_hits + 1)))).long()
+    return n.clamp(1, max_hits), torch.exp(z[:, 1].clamp(max=20.0))
