@@ -2,6 +2,11 @@
 
 The output has the same format as ``calofm simulate``, so ``calofm evaluate`` compares the two.
 Showers are written in chunks under ``OUT.partial``; running the same command again resumes.
+
+Under ``torchrun`` each process decodes every W-th batch (rank k: rows ``first + k * B`` to
+``first + (k + 1) * B`` of each round of W batches) and rank 0 gathers them and writes the one
+output file. Every row draws from its own seeded stream and the batches are those one process
+would decode, so the file equals the one-process output of the same command.
 """
 
 from __future__ import annotations
@@ -10,8 +15,13 @@ import argparse
 import hashlib
 import json
 import sys
+from typing import TYPE_CHECKING
 
 from calofm.cli._args import add_energy_options, energy_bounds, non_negative_int, positive_int
+
+if TYPE_CHECKING:
+    from calofm.generation.sampler import SamplingConfig
+    from calofm.training.distributed import DistEnv
 
 HELP = "generate showers with a trained model (KV-cache decoding)"
 
@@ -122,20 +132,10 @@ def load_generator_model(args: argparse.Namespace, device: str):
 
 
 def run(args: argparse.Namespace) -> int:
-
-    import numpy as np
-    from tqdm import tqdm
-
-    from calofm import __version__
-    from calofm.adapters import describe
-    from calofm.data.formats import ShowerWriter, file_metadata
-    from calofm.data.showers import SparseShowers
-    from calofm.files import check_output_file, partial_path
-    from calofm.generation.engine import INCIDENT, generate, seeded_rng
+    from calofm.files import check_output_file
     from calofm.generation.sampler import SamplingConfig
-    from calofm.model.config import class_name
     from calofm.particles import pdg_code
-    from calofm.pretrained import resolve_model
+    from calofm.training import distributed
 
     lo, hi = energy_bounds(args)
     pdg_code(args.particle)
@@ -147,12 +147,57 @@ def run(args: argparse.Namespace) -> int:
         args.top_p,
         args.unique_voxels,
     )
-    model = load_generator_model(args, _device(args.device))
+    env = distributed.setup(_device(args.device))  # joins the process group under torchrun
+    try:
+        return _run(args, env, lo, hi, sampling)
+    finally:
+        distributed.teardown(env)
+
+
+def _share(env: DistEnv, value: object) -> object:
+    """Rank 0's ``value`` on every process (the value itself without torchrun)."""
+    if not env.active:
+        return value
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _gather(env: DistEnv, value: object) -> list:
+    """Every process's ``value`` on rank 0, in rank order (an empty list on the others)."""
+    if not env.active:
+        return [value]
+    import torch.distributed as dist
+
+    values = [None] * env.world_size if env.is_main else None
+    dist.gather_object(value, values, dst=0)
+    return values or []
+
+
+def _run(
+    args: argparse.Namespace, env: DistEnv, lo: float, hi: float, sampling: SamplingConfig
+) -> int:
+    import numpy as np
+    from tqdm import tqdm
+
+    from calofm import __version__
+    from calofm.adapters import describe
+    from calofm.data.formats import ShowerWriter, file_metadata
+    from calofm.data.showers import SparseShowers
+    from calofm.errors import CalofmError
+    from calofm.files import partial_path
+    from calofm.generation.engine import INCIDENT, generate, seeded_rng
+    from calofm.model.config import class_name
+    from calofm.pretrained import resolve_model
+
+    model = load_generator_model(args, env.device)
     cls = class_name(args.material, args.particle)
     model.class_index(cls)
     tok = model.tokenizer
     max_hits = args.max_hits or tok.max_hits
-    if lo < tok.incident_min_gev or hi > tok.incident_max_gev:
+    if env.is_main and (lo < tok.incident_min_gev or hi > tok.incident_max_gev):
         asked = f"{lo:g} GeV" if lo == hi else f"{lo:g} to {hi:g} GeV"
         print(
             f"calofm generate: warning: the model was trained on {tok.incident_min_gev:g} to "
@@ -184,36 +229,55 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         generator={**generator, "model": str(resolve_model(args.model).resolve())},
     )
-    writer = ShowerWriter(args.out, args.n, meta, signature, replace_partial=args.overwrite)
-    start = writer.n_written
-    if start:
+    state: object = None
+    if env.is_main:  # rank 0 alone writes; the others learn where to start (or why not)
+        try:
+            writer = ShowerWriter(args.out, args.n, meta, signature, replace_partial=args.overwrite)
+            state = writer.n_written
+        except CalofmError as exc:
+            state = str(exc)
+    state = _share(env, state)
+    if isinstance(state, str):
+        raise CalofmError(state)
+    start = int(state)
+    if start and env.is_main:
         print(f"calofm generate: resuming {partial_path(args.out)} at shower {start} of {args.n}")
-    totals = writer.metadata.get(
-        "generation_stats", {"n_hits": 0, "n_duplicates": 0, "n_truncated": 0}
-    )
+    totals = {"n_hits": 0, "n_duplicates": 0, "n_truncated": 0}
+    if env.is_main:
+        totals = writer.metadata.get("generation_stats", totals)
     seconds, n_new = 0.0, args.n - start
-    with tqdm(total=args.n, initial=start, unit="shower", desc="generate") as bar:
-        for first in range(start, args.n, args.batch_size):
-            last = min(first + args.batch_size, args.n)
-            showers, stats = generate(
-                model,
-                cls,
-                incident[first:last],
-                seed=args.seed,
-                batch_size=args.batch_size,
-                temperature=sampling.temperature,
-                top_k=sampling.top_k,
-                top_p=sampling.top_p,
-                dynamic_temperature=sampling.dynamic_temperature,
-                unique_voxels=sampling.unique_voxels,
-                max_hits=max_hits,
-                first_row=first,
-                progress=bar.update,
-            )
-            for key in totals:
-                totals[key] += stats[key]
-            seconds += stats["seconds"]
-            writer.append(showers[cls], generation_stats=totals)
+    per_round = args.batch_size * env.world_size
+    bar = tqdm(total=args.n, initial=start, unit="shower", desc="generate", disable=not env.is_main)
+    with bar:
+        for first in range(start, args.n, per_round):
+            mine = first + env.rank * args.batch_size
+            last = min(mine + args.batch_size, args.n)
+            result = None
+            if mine < last:
+                showers, stats = generate(
+                    model,
+                    cls,
+                    incident[mine:last],
+                    seed=args.seed,
+                    batch_size=args.batch_size,
+                    temperature=sampling.temperature,
+                    top_k=sampling.top_k,
+                    top_p=sampling.top_p,
+                    dynamic_temperature=sampling.dynamic_temperature,
+                    unique_voxels=sampling.unique_voxels,
+                    max_hits=max_hits,
+                    first_row=mine,
+                )
+                result = (showers[cls], stats)
+            done = [r for r in _gather(env, result) if r is not None]
+            for showers, stats in done:
+                for key in totals:
+                    totals[key] += stats[key]
+                writer.append(showers, generation_stats=totals)
+                bar.update(len(showers))
+            seconds += max((stats["seconds"] for _, stats in done), default=0.0)
+    if not env.is_main:
+        return 0
     path = writer.finish()
 
     rate = totals["n_duplicates"] / max(totals["n_hits"], 1)
