@@ -139,9 +139,10 @@ def _study_dir(t: Path, d: Path) -> None:
 
 def _quickstart_dir(t: Path, d: Path) -> None:
     """A quickstart folder of an earlier run with other settings (its record says so)."""
-    (t / "qs").mkdir()
-    (t / "qs" / "geant4_reference.h5").write_bytes((d / "w.h5").read_bytes())
-    (t / "qs" / "quickstart_steps.json").write_text(json.dumps({"reference": "0123456789abcdef"}))
+    (t / "qs" / "geant4").mkdir(parents=True)
+    (t / "qs" / "geant4" / "Pb_gamma_train.h5").write_bytes((d / "pb.h5").read_bytes())
+    record = {"geant4_Pb_gamma_train": {"fingerprint": "0123456789abcdef", "seconds": 1.0}}
+    (t / "qs" / "quickstart_steps.json").write_text(json.dumps(record))
 
 
 @dataclass
@@ -160,7 +161,7 @@ GEN = "generate --model {d}/model --material G4_W --particle gamma -n 3 --energy
 EVAL = "evaluate {d}/w.h5 {d}/w.h5"
 STAGE = "--model {d}/model --data {d}/pb.h5 --max-steps 1 --out {t}/adapter"
 STUDY = "study finetune --model {d}/model --material G4_Pb --particle gamma --data {d}/pb.h5"
-QS = "quickstart -n 5 --train-minutes 0.01 --workers 1"
+QS = "quickstart --scale test --workers 1"
 
 CASES = [
     # simulate
@@ -258,10 +259,11 @@ CASES = [
     Case("study-folder-of-other-settings", STUDY + " --test {d}/pb.h5 --sizes 2 --max-steps 1 --out {t}/study", 2, "other settings", ("study/runs/expert_n2_r0", "study/study.json"), _study_dir),
     # quickstart
     Case("quickstart-unknown-material", QS + " --material G4_Unobtainium --out {t}/qs", 2, "unknown material", ("qs",)),
-    Case("quickstart-reversed-energy-range", QS + " --energy-range 50 10 --out {t}/qs", 2, "LO must be below HI", ("qs",)),
-    Case("quickstart-unknown-preset", QS + " --preset huge --out {t}/qs", 2, "unknown preset", ("qs",)),
+    Case("quickstart-material-the-base-has", QS + " --material W --out {t}/qs", 2, "already has G4_W:gamma", ("qs",)),
+    Case("quickstart-unknown-model", QS + " --model small-w-zz --out {t}/qs", 2, "not a model directory", ("qs",)),
+    Case("quickstart-unknown-scale", QS + " --scale huge --out {t}/qs", 2, "argument --scale", ("qs",)),
     Case("quickstart-out-is-a-file", QS + " --out {t}/qs", 2, "needs a directory", (), _existing("qs")),
-    Case("quickstart-folder-of-other-settings", QS + " --material G4_Pb --out {t}/qs", 2, "other settings", ("qs/geant4_train.h5", "qs/geant4_reference.h5.partial"), _quickstart_dir),
+    Case("quickstart-folder-of-other-settings", QS + " --out {t}/qs", 2, "other settings", ("qs/geant4/Pb_gamma_test.h5", "qs/geant4/Pb_gamma_train.h5.partial"), _quickstart_dir),
 ]  # fmt: skip
 
 

@@ -217,55 +217,58 @@ def test_train_resume_of_a_run_stopped_before_its_first_checkpoint_starts_it_aga
 
 def test_quickstart_at_its_smallest_scale_runs_end_to_end_and_reruns_honestly(tmp_path, capsys):
     out = tmp_path / "qs"
-    argv = ["quickstart", "-n", "10", "--energy-range", "1", "3", "--train-minutes", "0.01"]
-    argv += ["--workers", "1", "--out", str(out)]
+    argv = ["quickstart", "--scale", "test", "--workers", "1", "--out", str(out)]
     assert main(argv) == 0
     assert (out / "report" / "report.html").is_file()
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary["classifier_auc"]) == {"Geant4", "calofm"}
-    assert file_info(out / "calofm.h5").n == 10
-    records = (out / "quickstart_steps.json").read_text()
+    assert summary["base_classes_identical"] is True
+    assert set(summary["probe"]["classes"]) == {"G4_W:gamma", "G4_Ta:gamma"}
+    assert set(summary["classes"]) == {"G4_Pb:gamma"}  # the test scale tests the new class only
+    assert summary["classes"]["G4_Pb:gamma"]["classifier_auc"] is not None
+    assert all(v > 0 for v in summary["seconds_per_shower"].values())
+    assert summary["expert"]["trainable_parameters"] < summary["expert"]["base_parameters"]
+    for material in ("W", "Ta", "Pb"):  # every class, generated in one mixed batch
+        assert file_info(out / "calofm" / f"{material}_gamma.h5").n == 10
+    records = json.loads((out / "quickstart_steps.json").read_text())
+    assert set(records) == set(summary["step_seconds"])
+    assert all(r["seconds"] >= 0 for r in records.values())
     capsys.readouterr()
 
     assert main(argv) == 0  # the same settings: every step is reused
-    assert capsys.readouterr().out.count("(skipped:") == 5
+    assert capsys.readouterr().out.count("(skipped:") == len(records)
 
-    report = (out / "report" / "metrics.json").read_bytes()
-    assert main([*argv, "--material", "G4_Pb"]) == 2  # other settings: refused, nothing reused
+    report = (out / "report" / "Pb_gamma" / "metrics.json").read_bytes()
+    assert main([*argv, "--seed", "2"]) == 2  # other settings: refused, nothing reused
     assert "other settings" in capsys.readouterr().err
-    assert (out / "quickstart_steps.json").read_text() == records
-    assert (out / "report" / "metrics.json").read_bytes() == report
-    assert file_info(out / "geant4_reference.h5").detector.material == "G4_W"
+    assert json.loads((out / "quickstart_steps.json").read_text()) == records
+    assert (out / "report" / "Pb_gamma" / "metrics.json").read_bytes() == report
 
 
 def test_quickstart_overwrite_recomputes_exactly_the_steps_other_settings_change(tmp_path):
+    import shutil
+
     from calofm.cli import build_parser
-    from calofm.cli.quickstart import _fingerprints, _plan, _steps
+    from calofm.cli.quickstart import _fingerprints, _make_plan, _plan, _steps
+    from calofm.pretrained import resolve_model
 
     def plan(records, *options, overwrite=True):
         args = build_parser().parse_args(["quickstart", "--out", str(tmp_path), *options])
-        steps = _steps(args, tmp_path)
+        steps = _steps(_make_plan(args))
         prints = _fingerprints(steps, ignore=("--workers",))
+        records = {k: {"fingerprint": v} for k, v in records.items()}
         return _plan(steps, prints, records, overwrite), prints
 
-    _, made = plan({})
-    for name in ("geant4_reference.h5", "geant4_train.h5", "calofm.h5"):
-        (tmp_path / name).write_text("done")
-    (tmp_path / "model").mkdir()
-    (tmp_path / "model" / "training.json").write_text("{}")
-    (tmp_path / "report").mkdir()
-    (tmp_path / "report" / "report.html").write_text("done")
+    actions, made = plan({})
+    args = build_parser().parse_args(["quickstart", "--out", str(tmp_path)])
+    for step in _steps(_make_plan(args)):
+        step.output.parent.mkdir(parents=True, exist_ok=True)
+        step.output.write_text("done")
 
     assert set(plan(made)[0].values()) == {"skip"}
     assert set(plan(made, "--workers", "7")[0].values()) == {"skip"}  # same showers
-    steps, _ = plan(made, "--train-minutes", "9")  # the model and all that reads it
-    assert steps == {
-        "reference": "skip",
-        "training": "skip",
-        "model": "redo",
-        "generated": "redo",
-        "report": "redo",
-    }
+    other = shutil.copytree(resolve_model("small-w-ta"), tmp_path / "other_model")
+    steps, _ = plan(made, "--model", str(other))  # another base: Geant4's samples are kept
+    assert {k for k, v in steps.items() if v == "skip"} == {k for k in steps if "geant4" in k}
     assert set(plan(made, "--seed", "4")[0].values()) == {"redo"}
     with pytest.raises(CalofmError, match="other settings"):
-        plan(made, "-n", "40", overwrite=False)
+        plan(made, "--scale", "large", overwrite=False)

@@ -1,0 +1,240 @@
+"""The quickstart's generation steps: every class in one mixed batch, and the base-class probe.
+
+Rows of all classes are interleaved (row r is class r mod K), so every decoding batch mixes the
+classes, each row routed to its own expert. Row r draws from its own seeded stream, so the
+showers do not depend on which worker process decodes which batch. Each batch is saved under
+``PARTIAL_DIR/batch_NNNN.npz`` (atomically) as it finishes: an interrupted run resumes at the
+first missing batch.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+from calofm.data.showers import SparseShowers
+from calofm.errors import CalofmError
+from calofm.files import atomic_output
+
+_model = None  # a worker process's model, loaded by its first batch
+
+
+def incident_energies(seed: int, n: int, energy_gev: tuple[float, float]) -> np.ndarray:
+    """The incident energies of rows 0..n-1 (GeV), the same for any batching or worker count."""
+    from calofm.generation.engine import INCIDENT, seeded_rng
+
+    return seeded_rng(seed, INCIDENT).uniform(*energy_gev, n).astype(np.float32)
+
+
+def row_classes(classes: list[str], n_per_class: int) -> list[str]:
+    """Class of every row: interleaved, so each batch mixes all classes."""
+    return [classes[r % len(classes)] for r in range(n_per_class * len(classes))]
+
+
+def _init_worker() -> None:
+    """Each worker process decodes on one core (several processes use the cores without the
+    oversubscription that two-thread processes suffer on a shared machine), and Ctrl-C ends it
+    at once: the parent reports the interruption, finished batches are on disk."""
+    import signal
+
+    import torch
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    torch.set_num_threads(1)
+
+
+def _decode_batch(task: tuple) -> tuple[int, dict[str, dict[str, np.ndarray]], float]:
+    """Generate one batch of rows in a worker; return its showers per class as arrays."""
+    global _model
+    from calofm.adapters import load_model_with_adapters
+    from calofm.generation.engine import generate
+
+    index, model_dir, adapters, classes, incident, seed, first_row, max_hits = task
+    start = time.perf_counter()
+    if _model is None:
+        _model = load_model_with_adapters(model_dir, adapters, "cpu")
+    showers, stats = generate(
+        _model,
+        classes,
+        incident,
+        seed=seed,
+        batch_size=len(classes),
+        max_hits=max_hits,
+        first_row=first_row,
+    )
+    arrays = {c: _arrays(s) for c, s in showers.items()}
+    arrays["_stats"] = {k: np.array(stats[k]) for k in ("n_hits", "n_duplicates", "n_truncated")}
+    return index, arrays, time.perf_counter() - start
+
+
+def _arrays(showers: SparseShowers) -> dict[str, np.ndarray]:
+    return {
+        "offsets": showers.offsets,
+        "voxels": showers.voxels,
+        "energies": showers.energies,
+        "incident": showers.incident,
+    }
+
+
+@contextmanager
+def _pool(workers: int) -> Iterator[ProcessPoolExecutor]:
+    executor = ProcessPoolExecutor(
+        workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker
+    )
+    try:
+        yield executor
+    except BaseException:
+        executor.shutdown(wait=False, cancel_futures=True)
+        raise
+    executor.shutdown()
+
+
+def _save_batch(path: Path, arrays: dict[str, dict[str, np.ndarray]], seconds: float) -> None:
+    flat = {f"{c}|{k}": v for c, parts in arrays.items() for k, v in parts.items()}
+    with atomic_output(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, seconds=np.array(seconds), **flat)
+
+
+def _load_batch(path: Path) -> tuple[dict[str, dict[str, np.ndarray]], float]:
+    arrays: dict[str, dict[str, np.ndarray]] = {}
+    with np.load(path) as f:
+        seconds = float(f["seconds"])
+        for key in f.files:
+            if "|" in key:
+                c, k = key.split("|")
+                arrays.setdefault(c, {})[k] = f[key]
+    return arrays, seconds
+
+
+def generate_mixed(
+    model_dir: str,
+    adapters: list[str],
+    classes: list[str],
+    n_per_class: int,
+    energy_gev: tuple[float, float],
+    seed: int,
+    max_hits: int | None,
+    batch_size: int,
+    workers: int,
+    partial_dir: Path,
+    progress=None,
+) -> tuple[dict[str, list[dict[str, np.ndarray]]], dict]:
+    """Decode every batch not yet in ``partial_dir`` (``workers`` processes), then return each
+    class's batches in row order and the statistics (summed over all batches, resumed or not)."""
+    per_row = row_classes(classes, n_per_class)
+    incident = incident_energies(seed, len(per_row), energy_gev)
+    starts = list(range(0, len(per_row), batch_size))
+    partial_dir.mkdir(parents=True, exist_ok=True)
+    paths = [partial_dir / f"batch_{k:04d}.npz" for k in range(len(starts))]
+    todo = [k for k, p in enumerate(paths) if not p.exists()]
+    if progress is not None:
+        progress(len(starts) - len(todo))
+    tasks = [
+        (
+            k,
+            model_dir,
+            adapters,
+            per_row[starts[k] : starts[k] + batch_size],
+            incident[starts[k] : starts[k] + batch_size],
+            seed,
+            starts[k],
+            max_hits,
+        )
+        for k in todo
+    ]
+    if tasks:
+        with _pool(min(workers, len(tasks))) as pool:
+            for k, arrays, seconds in pool.map(_decode_batch, tasks):
+                _save_batch(paths[k], arrays, seconds)
+                if progress is not None:
+                    progress(1)
+    per_class: dict[str, list[dict[str, np.ndarray]]] = {c: [] for c in classes}
+    stats = {"n_hits": 0, "n_duplicates": 0, "n_truncated": 0, "worker_seconds": 0.0}
+    for path in paths:
+        arrays, seconds = _load_batch(path)
+        stats["worker_seconds"] += seconds
+        for key, value in arrays.pop("_stats").items():
+            stats[key] += int(value)
+        for c, parts in arrays.items():
+            per_class[c].append(parts)
+    missing = [c for c, parts in per_class.items() if not parts]
+    if missing:
+        raise CalofmError(f"{partial_dir}: no showers of {', '.join(missing)} (stale batches?)")
+    return per_class, stats
+
+
+def to_showers(parts: list[dict[str, np.ndarray]], detector, particle: str) -> SparseShowers:
+    """One class's batches as one set of showers."""
+    from calofm.data.showers import concatenate
+
+    return concatenate(
+        [
+            SparseShowers(
+                p["offsets"], p["voxels"], p["energies"], p["incident"], detector, particle
+            )
+            for p in parts
+        ]
+    )
+
+
+def probe(
+    model_dir: str,
+    adapters: list[str],
+    classes: list[str],
+    n_per_class: int,
+    energy_gev: tuple[float, float],
+    seed: int,
+    max_hits: int | None,
+) -> dict[str, np.ndarray]:
+    """The showers of ``classes`` for one fixed batch (seed, rows, energies), generated on one
+    thread: the same call before and after a stage must give the same bytes."""
+    import torch
+
+    from calofm.adapters import load_model_with_adapters
+    from calofm.generation.engine import generate
+
+    per_row = row_classes(classes, n_per_class)
+    incident = incident_energies(seed, len(per_row), energy_gev)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = load_model_with_adapters(model_dir, adapters, "cpu")
+        showers, _ = generate(
+            model, per_row, incident, seed=seed, batch_size=len(per_row), max_hits=max_hits
+        )
+    finally:
+        torch.set_num_threads(threads)
+    return {f"{c}|{k}": v for c, s in showers.items() for k, v in _arrays(s).items()}
+
+
+def save_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    with atomic_output(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+
+
+def load_arrays(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path) as f:
+        return {k: f[k] for k in f.files}
+
+
+def identical(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> dict[str, bool]:
+    """Per class: whether its showers are the same bytes in ``a`` and ``b``."""
+    classes = sorted({k.split("|")[0] for k in (*a, *b)})
+    return {
+        c: all(
+            f"{c}|{k}" in a
+            and f"{c}|{k}" in b
+            and a[f"{c}|{k}"].dtype == b[f"{c}|{k}"].dtype
+            and np.array_equal(a[f"{c}|{k}"], b[f"{c}|{k}"])
+            for k in ("offsets", "voxels", "energies", "incident")
+        )
+        for c in classes
+    }
