@@ -134,10 +134,10 @@ def _draw(subfig, view: ShowerView, norm: LogNorm, threshold_mev: float, half: i
         2,
         1,
         height_ratios=[4.0, 1.1 * rows],
-        hspace=0.1,
+        hspace=0.22,
         left=0.02,
         right=0.98,
-        top=0.87,
+        top=0.85,
         bottom=0.01,
     )
     layer, ix, iy, energy = _cells(view, threshold_mev)
@@ -162,11 +162,11 @@ def _draw(subfig, view: ShowerView, norm: LogNorm, threshold_mev: float, half: i
     ax.set_zlim(-half_y, half_y)
     ax.set_box_aspect((2.2, 1, 1), zoom=1.5)
     ax.view_init(elev=18, azim=-62)
-    ax.set_xlabel("layer (beam direction)", fontsize=8, labelpad=2)
-    ax.set_ylabel("x [mm]", fontsize=8, labelpad=2)
-    ax.set_zlabel("y [mm]", fontsize=8, labelpad=2)
-    ax.tick_params(labelsize=7, pad=0)
-    subfig.suptitle(_title(view, threshold_mev), fontsize=9, y=0.995, va="top")
+    ax.set_xlabel("layer (beam direction)", fontsize=9, labelpad=2)
+    ax.set_ylabel("x [mm]", fontsize=9, labelpad=2)
+    ax.set_zlabel("y [mm]", fontsize=9, labelpad=2)
+    ax.tick_params(labelsize=8, pad=0)
+    subfig.suptitle(_title(view, threshold_mev), fontsize=11, y=0.995, va="top")
 
     cells = np.full(det.shape, np.nan)  # empty cells stay blank
     cells[layer, ix, iy] = energy
@@ -194,7 +194,7 @@ def _draw(subfig, view: ShowerView, norm: LogNorm, threshold_mev: float, half: i
     maps.set_title(
         f"layers 0-{det.n_layers - 1}: the central {w} x {h} cells ({w * det.cell_mm:g} mm"
         f" square, {format_number(100 * shown)}% of the energy)",
-        fontsize=7,
+        fontsize=8.5,
         pad=3,
     )
     return points
@@ -219,9 +219,9 @@ def event_display(views: list[ShowerView], threshold_mev: float | None = None) -
         mappable = _draw(panel, view, norm, threshold, half)
     bar_ax = panels[-1].add_axes((0.12, 0.3, 0.2, 0.45))
     bar = panels[-1].colorbar(mappable, cax=bar_ax)
-    bar.set_label("cell energy [MeV] (point size and colour)", fontsize=8)
+    bar.set_label("cell energy [MeV] (point size and colour)", fontsize=9)
     ticks = [t for t in (0.1, 0.3, 1, 3, 10, 30, 100, 300, 1000) if low <= t <= high]
-    bar.set_ticks(ticks, labels=[f"{t:g}" for t in ticks], fontsize=7)
+    bar.set_ticks(ticks, labels=[f"{t:g}" for t in ticks], fontsize=8)
     bar.minorticks_off()
     return fig
 
