@@ -350,13 +350,13 @@ def _html(metrics: dict) -> str:
         )
     )
     displays = "".join(
-        f'<figure class="display"><a href="{html.escape(d["file"])}"><img'
-        f' src="{html.escape(d["file"])}" alt="event display at {d["energy_gev"]:g} GeV"></a>'
-        f"<figcaption>Incident energy nearest {d['energy_gev']:g} GeV: "
+        f'<figure class="display"><figcaption><b>Incident energy nearest {d["energy_gev"]:g}'
+        " GeV</b>: "
         + ", ".join(f"{html.escape(k)} shower {i}" for k, i in d["showers"].items())
         + ". Cells above the hit threshold as points sized and coloured by energy, and the"
         " energy per cell layer by layer; one colour scale for the whole row (click to enlarge)."
-        "</figcaption></figure>"
+        f'</figcaption><a href="{html.escape(d["file"])}"><img src="{html.escape(d["file"])}"'
+        f' alt="event display at {d["energy_gev"]:g} GeV"></a></figure>'
         for d in metrics["event_displays"]
     )
     plots = "".join(
