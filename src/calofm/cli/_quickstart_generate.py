@@ -10,9 +10,11 @@ first missing batch.
 from __future__ import annotations
 
 import multiprocessing
+import os
 import time
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -37,15 +39,16 @@ def row_classes(classes: list[str], n_per_class: int) -> list[str]:
     return [classes[r % len(classes)] for r in range(n_per_class * len(classes))]
 
 
-def _init_worker() -> None:
+def _init_worker(parent: int) -> None:
     """Each worker process decodes on one core (several processes use the cores without the
-    oversubscription that two-thread processes suffer on a shared machine), and Ctrl-C ends it
-    at once: the parent reports the interruption, finished batches are on disk."""
-    import signal
-
+    oversubscription that two-thread processes suffer on a shared machine); like a Geant4
+    worker, it ends at once on Ctrl-C and when its parent is killed (finished batches are on
+    disk)."""
     import torch
 
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    from calofm.simulation.runner import init_worker
+
+    init_worker(parent)
     torch.set_num_threads(1)
 
 
@@ -85,10 +88,19 @@ def _arrays(showers: SparseShowers) -> dict[str, np.ndarray]:
 @contextmanager
 def _pool(workers: int) -> Iterator[ProcessPoolExecutor]:
     executor = ProcessPoolExecutor(
-        workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker
+        workers,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_init_worker,
+        initargs=(os.getpid(),),
     )
     try:
         yield executor
+    except BrokenProcessPool:
+        executor.shutdown(wait=False, cancel_futures=True)
+        raise CalofmError(
+            "a generation worker process died (out of memory? its message is above); run the "
+            "same command again to resume"
+        ) from None
     except BaseException:
         executor.shutdown(wait=False, cancel_futures=True)
         raise

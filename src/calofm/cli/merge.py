@@ -11,8 +11,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "merge",
         help="join the shower files of independent jobs (e.g. a Slurm array) into one file",
         description=(
-            "Copy the showers of FILES, in the order given, into one showerdata file with the"
-            " same layout. The files must hold showers of one kind (detector, material, particle,"
+            "Copy the showers of FILES, ordered by seed and --offset, into one showerdata file"
+            " with the same layout. The files must hold showers of one kind (detector, material, particle,"
             " simulator or model and sampling) and never the same showers twice (the same seed"
             " with overlapping --offset ranges). Jobs of one seed with offsets 0, n, 2n, ... give"
             " exactly the showers of one run of their total. The output appears only when"

@@ -1,8 +1,8 @@
 """Join shower files of independent jobs (an array of ``calofm simulate`` jobs) into one file.
 
-The showers are copied as stored, bit for bit, so jobs with seed offsets 0, n, 2n, ... merge into
-exactly the file one run of their total would have written (its showers; the metadata lists the
-parts). Files are joined only when they describe the same showers: the same detector, material,
+The showers are copied as stored, bit for bit, in the order of their seeds and offsets, so jobs
+with seed offsets 0, n, 2n, ... merge into exactly the file one run of their total would have
+written (its showers; the metadata lists the parts), whatever order they are given in. Files are joined only when they describe the same showers: the same detector, material,
 particle and simulator (or the same model, adapters and sampling for generated files), and never
 the same showers twice (the same seed and overlapping offsets).
 """
@@ -169,7 +169,9 @@ def _copy(parts: list[Part], out: h5py.File, meta: dict) -> None:
 def merge_files(
     inputs: list[str | os.PathLike[str]], out: str | os.PathLike[str]
 ) -> tuple[Path, dict]:
-    """Write the showers of ``inputs``, in order, to ``out`` (atomically); return its metadata.
+    """Write the showers of ``inputs`` to ``out`` (atomically), ordered by seed and offset so
+    that the order the files are given in (a shell glob: job1, job10, job2...) does not matter;
+    return the output's metadata.
 
     The caller checks ``out`` (exists, --overwrite) first; ``out`` must not be one of the inputs.
     """
@@ -178,6 +180,7 @@ def merge_files(
     if any(p.info.path.resolve() == out.resolve() for p in parts):
         raise CalofmError(f"--out {out}: is one of the inputs; choose another name")
     check_compatible(parts)
+    parts.sort(key=lambda p: (p.seed is None, p.seed or 0, p.first))  # any shell glob order
     meta = merged_metadata(parts)
     with atomic_output(out) as tmp:
         with h5py.File(tmp, "w") as f:
