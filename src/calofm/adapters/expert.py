@@ -1,4 +1,5 @@
-"""The expert part of an adapter: one FFN expert per block for a new class, and its conditioning.
+"""The expert part of an adapter: one FFN expert per block for a new class (and its shower-totals
+network, for a model with totals), and its conditioning.
 
 The expert is the class: it only ever runs on that class's rows, so it cannot change any other
 class's output. The optional conditioning (a layer-embedding shift and a layer bias of the spatial
@@ -18,7 +19,12 @@ def add_expert(model: CaloFM, class_name: str, init_from: str | None) -> dict[st
     """Add the class with one expert per block (a copy of ``init_from``'s, or random)."""
     model.add_class(class_name, init_from)
     k = len(model.classes) - 1
-    return {f"blocks.{i}.expert": block.experts.ffn[k] for i, block in enumerate(model.blocks)}
+    parts: dict[str, nn.Module] = {
+        f"blocks.{i}.expert": block.experts.ffn[k] for i, block in enumerate(model.blocks)
+    }
+    if model.totals is not None:
+        parts["totals"] = model.totals.nets[k]
+    return parts
 
 
 def remove_expert(model: CaloFM, class_name: str) -> None:
@@ -26,6 +32,8 @@ def remove_expert(model: CaloFM, class_name: str) -> None:
     k = model.class_index(class_name)
     for block in model.blocks:
         del block.experts.ffn[k]
+    if model.totals is not None:
+        del model.totals.nets[k]
     del model.classes[k]
 
 

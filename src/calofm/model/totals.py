@@ -25,6 +25,26 @@ _PER_COMPONENT = 6
 _MIN_LOG_SCALE = -7.0
 
 
+class TotalsNet(nn.Module):
+    """One class's network, predicting in units where that class's totals are of order one."""
+
+    def __init__(self, n_features: int, hidden: int, components: int):
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(n_features, hidden),
+            nn.GELU(),
+            nn.Linear(hidden, hidden),
+            nn.GELU(),
+            nn.Linear(hidden, components * _PER_COMPONENT),
+        )
+        # Mean and spread of the class's points (log hits, log MeV), set when it is fitted.
+        self.register_buffer("center", torch.zeros(2))
+        self.register_buffer("spread", torch.ones(2))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.mlp(features)
+
+
 class ShowerTotals(nn.Module):
     """P(log hits, log visible MeV | conditions, class) as a Gaussian mixture per class."""
 
@@ -33,19 +53,13 @@ class ShowerTotals(nn.Module):
         self.n_features, self.hidden, self.components = n_features, hidden, components
         self.nets = nn.ModuleList(self._net() for _ in range(n_classes))
 
-    def _net(self) -> nn.Sequential:
-        return nn.Sequential(
-            nn.Linear(self.n_features, self.hidden),
-            nn.GELU(),
-            nn.Linear(self.hidden, self.hidden),
-            nn.GELU(),
-            nn.Linear(self.hidden, self.components * _PER_COMPONENT),
-        )
+    def _net(self) -> TotalsNet:
+        return TotalsNet(self.n_features, self.hidden, self.components)
 
-    def add(self, init_from: int | None = None) -> nn.Sequential:
+    def add(self, init_from: int | None = None) -> TotalsNet:
         """Append a class's network: a copy of ``init_from``'s, or freshly initialised."""
-        ref = self.nets[0][0].weight
-        net = self._net().to(device=ref.device, dtype=ref.dtype)
+        ref = self.nets[0].center
+        net = self._net().to(device=ref.device)
         if init_from is not None:
             net.load_state_dict(self.nets[init_from].state_dict())
         self.nets.append(net)
@@ -55,14 +69,21 @@ class ShowerTotals(nn.Module):
         self, features: torch.Tensor, routing: Routing
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Log weights (B, K), means (B, K, 2) and lower Cholesky factors (B, K, 2, 2)."""
-        out = routing.by_class.apply(features, lambda c, rows: self.nets[c](rows)).float()
-        out = out.view(len(features), self.components, _PER_COMPONENT)
+
+        def one_class(c: int, rows: torch.Tensor) -> torch.Tensor:
+            net = self.nets[c]
+            out = net(rows).float().view(len(rows), self.components, _PER_COMPONENT)
+            mean = net.center + net.spread * out[..., 1:3]
+            s1, s2 = (out[..., 3:5].clamp(min=_MIN_LOG_SCALE).exp() * net.spread).unbind(-1)
+            off = out[..., 5] * net.spread[1]  # the Cholesky factor of D L for D = diag(spread)
+            return torch.cat([out[..., :1], mean, torch.stack([s1, off, s2], -1)], -1)
+
+        out = routing.by_class.apply(features, one_class)
         log_w = torch.log_softmax(out[..., 0], dim=-1)
-        mean = out[..., 1:3]
-        s1, s2 = out[..., 3:5].clamp(min=_MIN_LOG_SCALE).exp().unbind(-1)
+        s1, off, s2 = out[..., 3], out[..., 4], out[..., 5]
         zero = torch.zeros_like(s1)
-        tril = torch.stack([torch.stack([s1, zero], -1), torch.stack([out[..., 5], s2], -1)], -2)
-        return log_w, mean, tril
+        tril = torch.stack([torch.stack([s1, zero], -1), torch.stack([off, s2], -1)], -2)
+        return log_w, out[..., 1:3], tril
 
     def log_prob(self, features: torch.Tensor, routing: Routing, z: torch.Tensor) -> torch.Tensor:
         """Log density (B,) of points ``z`` (B, 2) = (log hits, log visible MeV)."""
