@@ -12,7 +12,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
@@ -24,7 +24,7 @@ from calofm.data.showers import SparseShowers
 from calofm.errors import CalofmError
 from calofm.files import atomic_output
 
-_model = None  # a worker process's model, loaded by its first batch
+_models: dict[tuple, object] = {}  # a process's model, loaded by its first batch
 
 
 def incident_energies(seed: int, n: int, energy_gev: tuple[float, float]) -> np.ndarray:
@@ -54,16 +54,17 @@ def _init_worker(parent: int) -> None:
 
 def _decode_batch(task: tuple) -> tuple[int, dict[str, dict[str, np.ndarray]], float]:
     """Generate one batch of rows in a worker; return its showers per class as arrays."""
-    global _model
     from calofm.adapters import load_model_with_adapters
     from calofm.generation.engine import generate
 
     index, model_dir, adapters, classes, incident, seed, first_row, max_hits = task
     start = time.perf_counter()
-    if _model is None:
-        _model = load_model_with_adapters(model_dir, adapters, "cpu")
+    key = (model_dir, tuple(adapters))
+    if key not in _models:
+        _models.clear()
+        _models[key] = load_model_with_adapters(model_dir, adapters, "cpu")
     showers, stats = generate(
-        _model,
+        _models[key],
         classes,
         incident,
         seed=seed,
@@ -86,7 +87,26 @@ def _arrays(showers: SparseShowers) -> dict[str, np.ndarray]:
 
 
 @contextmanager
-def _pool(workers: int) -> Iterator[ProcessPoolExecutor]:
+def _in_process() -> Iterator[Callable[[list[tuple]], Iterator[tuple]]]:
+    """One worker: this process on one thread, without a process's start-up."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield lambda tasks: map(_decode_batch, tasks)
+    finally:
+        torch.set_num_threads(threads)
+        _models.clear()
+
+
+@contextmanager
+def _pool(workers: int) -> Iterator[Callable[[list[tuple]], Iterator[tuple]]]:
+    """``workers`` processes decoding batches, results in task order."""
+    if workers <= 1:
+        with _in_process() as decode:
+            yield decode
+        return
     executor = ProcessPoolExecutor(
         workers,
         mp_context=multiprocessing.get_context("spawn"),
@@ -94,7 +114,7 @@ def _pool(workers: int) -> Iterator[ProcessPoolExecutor]:
         initargs=(os.getpid(),),
     )
     try:
-        yield executor
+        yield lambda tasks: executor.map(_decode_batch, tasks)
     except BrokenProcessPool:
         executor.shutdown(wait=False, cancel_futures=True)
         raise CalofmError(
@@ -161,12 +181,11 @@ def generate_mixed(
         )
         for k in todo
     ]
-    if tasks:
-        with _pool(min(workers, len(tasks))) as pool:
-            for k, arrays, seconds in pool.map(_decode_batch, tasks):
-                _save_batch(paths[k], arrays, seconds)
-                if progress is not None:
-                    progress(1)
+    with _pool(min(workers, len(tasks))) as decode:
+        for k, arrays, seconds in decode(tasks):
+            _save_batch(paths[k], arrays, seconds)
+            if progress is not None:
+                progress(1)
     per_class: dict[str, list[dict[str, np.ndarray]]] = {c: [] for c in classes}
     stats = {"n_hits": 0, "n_duplicates": 0, "n_truncated": 0, "worker_seconds": 0.0}
     for path in paths:
