@@ -52,13 +52,14 @@ def _init_worker(parent: int) -> None:
     torch.set_num_threads(1)
 
 
-def _decode_batch(task: tuple) -> tuple[int, dict[str, dict[str, np.ndarray]], float]:
-    """Generate one batch of rows in a worker; return its showers per class as arrays."""
+def _decode_batch(task: tuple) -> tuple[int, dict[str, dict[str, np.ndarray]], float, float]:
+    """Generate one batch of rows in a worker; return its showers per class as arrays, and the
+    wall and CPU seconds it took (the worker's model loading included)."""
     from calofm.adapters import load_model_with_adapters
     from calofm.generation.engine import generate
 
     index, model_dir, adapters, classes, incident, seed, first_row, max_hits = task
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     key = (model_dir, tuple(adapters))
     if key not in _models:
         _models.clear()
@@ -74,7 +75,7 @@ def _decode_batch(task: tuple) -> tuple[int, dict[str, dict[str, np.ndarray]], f
     )
     arrays = {c: _arrays(s) for c, s in showers.items()}
     arrays["_stats"] = {k: np.array(stats[k]) for k in ("n_hits", "n_duplicates", "n_truncated")}
-    return index, arrays, time.perf_counter() - start
+    return index, arrays, time.perf_counter() - start, time.process_time() - cpu
 
 
 def _arrays(showers: SparseShowers) -> dict[str, np.ndarray]:
@@ -127,22 +128,24 @@ def _pool(workers: int) -> Iterator[Callable[[list[tuple]], Iterator[tuple]]]:
     executor.shutdown()
 
 
-def _save_batch(path: Path, arrays: dict[str, dict[str, np.ndarray]], seconds: float) -> None:
+def _save_batch(
+    path: Path, arrays: dict[str, dict[str, np.ndarray]], seconds: float, cpu: float
+) -> None:
     flat = {f"{c}|{k}": v for c, parts in arrays.items() for k, v in parts.items()}
     with atomic_output(path) as tmp:
         with open(tmp, "wb") as f:
-            np.savez(f, seconds=np.array(seconds), **flat)
+            np.savez(f, seconds=np.array(seconds), cpu_seconds=np.array(cpu), **flat)
 
 
-def _load_batch(path: Path) -> tuple[dict[str, dict[str, np.ndarray]], float]:
+def _load_batch(path: Path) -> tuple[dict[str, dict[str, np.ndarray]], float, float]:
     arrays: dict[str, dict[str, np.ndarray]] = {}
     with np.load(path) as f:
-        seconds = float(f["seconds"])
+        seconds, cpu = float(f["seconds"]), float(f["cpu_seconds"])
         for key in f.files:
             if "|" in key:
                 c, k = key.split("|")
                 arrays.setdefault(c, {})[k] = f[key]
-    return arrays, seconds
+    return arrays, seconds, cpu
 
 
 def generate_mixed(
@@ -182,15 +185,17 @@ def generate_mixed(
         for k in todo
     ]
     with _pool(min(workers, len(tasks))) as decode:
-        for k, arrays, seconds in decode(tasks):
-            _save_batch(paths[k], arrays, seconds)
+        for k, arrays, seconds, cpu in decode(tasks):
+            _save_batch(paths[k], arrays, seconds, cpu)
             if progress is not None:
                 progress(1)
     per_class: dict[str, list[dict[str, np.ndarray]]] = {c: [] for c in classes}
-    stats = {"n_hits": 0, "n_duplicates": 0, "n_truncated": 0, "worker_seconds": 0.0}
+    stats = {"n_hits": 0, "n_duplicates": 0, "n_truncated": 0}
+    stats |= {"worker_seconds": 0.0, "worker_cpu_seconds": 0.0}
     for path in paths:
-        arrays, seconds = _load_batch(path)
+        arrays, seconds, cpu = _load_batch(path)
         stats["worker_seconds"] += seconds
+        stats["worker_cpu_seconds"] += cpu
         for key, value in arrays.pop("_stats").items():
             stats[key] += int(value)
         for c, parts in arrays.items():

@@ -24,7 +24,6 @@ from calofm.files import atomic_output
 if TYPE_CHECKING:
     from calofm.cli.quickstart import Plan
 
-CHUNK_SIZE = 50  # calofm simulate's default: the number of chunks bounds its busy workers
 PLOTS = ("energy_sum", "n_hits", "energy_per_layer", "radial_profile", "cog_z", "cell_energy")
 
 
@@ -109,7 +108,7 @@ def generate_all(plan: Plan) -> None:
         "batch_size": s.batch_size,
         "max_hits": max_hits,
         "files": {c: str(plan.generated(c)) for c in plan.classes},
-        "seconds_per_shower_one_core": stats["worker_seconds"] / n_total,
+        "seconds_per_shower_one_core": stats["worker_cpu_seconds"] / n_total,
         **stats,
     }
     with atomic_output(plan.out / "calofm" / "generation.json") as tmp:
@@ -167,19 +166,18 @@ def _verdict_words(verdict: dict) -> str | None:
 
 
 def _geant4_seconds(plan: Plan, records: dict) -> float | None:
-    """Geant4's time per shower on one core: each simulation step's wall time times its busy
-    workers, over its showers (Geant4's start-up included)."""
+    """Geant4's time per shower on one core: the CPU time of the new class's simulation steps
+    (their Geant4 worker processes included, with their start-up) over their showers."""
     from calofm.data.formats import file_info
 
-    core_seconds, n = 0.0, 0
+    cpu, n = 0.0, 0
     for part in ("train", "test"):
-        seconds = records.get(f"geant4_{plan.stem(plan.new_class)}_{part}", {}).get("seconds")
+        seconds = records.get(f"geant4_{plan.stem(plan.new_class)}_{part}", {}).get("cpu_seconds")
         path = plan.geant4(plan.new_class, part)
         if seconds and path.exists():
-            count = file_info(path).n
-            core_seconds += seconds * min(plan.workers, math.ceil(count / CHUNK_SIZE))
-            n += count
-    return core_seconds / n if n else None
+            cpu += seconds
+            n += file_info(path).n
+    return cpu / n if n else None
 
 
 def build_summary(plan: Plan, records: dict) -> dict:
@@ -385,9 +383,9 @@ means a classifier cannot tell the generated showers from Geant4's, 1 that it al
 <h2>Event displays</h2><p>A Geant4 and a generated shower of about the same incident energy, on
 one colour scale (<code>calofm show</code>).</p>{displays}
 <h2>Observables</h2>{plots}
-<h2>Speed</h2><p>{_speed(t)}, measured in this run on this machine ({s["cores"]} cores, load
-average {s["load_average"][0]:.1f} at the end); Geant4's time includes its start-up,
-generation's the model loading.</p>
+<h2>Speed</h2><p>{_speed(t)}: CPU time per shower, measured in this run on this machine
+({s["cores"]} cores, load average {s["load_average"][0]:.1f} at the end), Geant4's with its
+start-up, generation's with the model loading, both on one thread per process.</p>
 <h2>The expert</h2><p>{_num(trainable, ",")} trainable parameters{share}: one feed-forward
 expert per block; {e["steps"]} steps, {e["epochs"]} epochs over {e["n_train_showers"]} showers;
 best validation loss {_num(e["best_val_loss"], ".4f")} nats per token.</p>

@@ -49,15 +49,15 @@ class Scale:
     batch_size: int = 30  # rows per generation batch (mixed classes)
 
 
-# Sized on a 2-core machine from Geant4's 0.4 s per 10-100 GeV Pb photon on one core, and
-# generation of the shipped model: "default" runs in under 10 minutes there.
+# "default" is sized for under 10 minutes on 2 idle cores from CPU times measured there: Geant4
+# 0.40 s per 10-100 GeV Pb photon, generation 0.73 s per shower (small-w-ta, one thread), the
+# evaluation 15 s per class; so 600 Geant4 showers (2 min on 2 workers), 2 minutes of expert
+# training and 300 generated showers (2 min) leave room for a loaded machine.
 SCALES = {
     "test": Scale(
         12, 10, False, ("--max-steps", "2", "--batch-size", "4"), 1, (10.0, 15.0), 25, 15
     ),
-    "default": Scale(
-        300, 100, True, ("--time-limit", "2.5", "--batch-size", "8"), 4, (10.0, 100.0)
-    ),
+    "default": Scale(300, 100, True, ("--time-limit", "2", "--batch-size", "8"), 4, (10.0, 100.0)),
     "large": Scale(
         5000, 1000, True, ("--time-limit", "30", "--batch-size", "16"), 16, (10.0, 100.0)
     ),
