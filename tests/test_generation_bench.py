@@ -25,7 +25,6 @@ TOY = BenchSettings(
 )
 
 
-
 def test_step_fit_sums_the_steps_of_a_decode():
     linear = StepTimes([0, 10, 20], [1.0, 2.0, 3.0])
     assert linear.total(3) == pytest.approx(1.0 + 1.1 + 1.2)
@@ -55,3 +54,30 @@ def test_bench_model_json_prints_one_object(monkeypatch, capsys):
     assert main(["bench", "model", "--json", "--quick"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["kv_speedup_at_1000"] > 0 and result["expert_cost_ratio_12_vs_2"] > 0
+
+
+def test_bench_generate_reports_every_mode_and_the_speedup_over_geant4(capsys):
+    args = ["bench", "generate", "--random-weights", "--preset", "tiny", "--batch", "2"]
+    args += ["--steps", "6", "--repeats", "1", "--geant4-showers", "0", "--geant4-rate", "4"]
+    assert main([*args, "--json", "--threads", "1"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["device"].startswith("cpu") and result["batch_sizes"] == [2]
+    modes = result["presets"]["tiny"]["modes"]
+    assert set(modes) == {"recompute", "eager", "packed"}
+    for mode, rows in modes.items():
+        assert rows["2"]["steps"] == 6 and rows["2"]["tokens_per_s"] > 0, mode
+        assert result["showers_per_s"][mode]["2"] == rows["2"]["showers_per_s"]
+    assert modes["eager"]["2"]["kv_cache_bytes_per_shower"] > 0
+    assert result["geant4_showers_per_s_per_core"] == 4
+    best = max(modes[m]["2"]["showers_per_s"] for m in ("eager", "packed"))
+    assert result["speedup_vs_geant4"] == pytest.approx(best / 4)
+    assert result["tokens_per_s"]["2"] == pytest.approx(best * 6)
+
+
+def test_bench_generate_needs_a_model_or_random_weights(capsys):
+    assert main(["bench", "generate", "--preset", "tiny"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--random-weights" in err[0]
+    assert (
+        main(["bench", "generate", "--random-weights", "--mode", "graphs", "--preset", "tiny"]) == 2
+    )

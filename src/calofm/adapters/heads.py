@@ -163,7 +163,7 @@ class RoutedVoxelHead(nn.Module):
         h: torch.Tensor,
         u: torch.Tensor | None,
         used: torch.Tensor | None,
-        temperature: float,
+        temperature: float | torch.Tensor,
         top_k: int | None = None,
         top_p: float | None = None,
         layer_bias: torch.Tensor | None = None,

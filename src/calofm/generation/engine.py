@@ -1,10 +1,11 @@
 """Batched autoregressive generation of showers with the static KV cache.
 
-A batch keeps its size for the whole run: a row that has finished (either head emitted EOS) goes on
-being computed but its tokens are no longer recorded, so every decode step has the same shapes
-(ready for CUDA graphs / torch.compile later). The loop ends when every row has finished, or after
-``max_hits`` hits: a shower that reaches ``max_hits`` hits without EOS keeps those hits and is
-counted as truncated in the statistics (never silently cut).
+Decoding runs on the static decode step (``calofm.generation.decoder``): every step has the same
+shapes, finished rows are masked, not removed, and the host looks at the batch every few steps. A
+shower ends when a head emits EOS, or after ``max_hits`` hits: a shower that reaches ``max_hits``
+hits without EOS keeps those hits and is counted as truncated in the statistics (never silently
+cut). With continuous batching (the default of ``generate``) a finished shower's slot takes the
+next shower, so long showers do not hold a whole batch back.
 
 A model with shower totals (``ModelConfig.totals``) first draws each shower's hit count and
 visible energy; the shower then ends at exactly that hit count (end-of-sequence is masked before it
@@ -13,8 +14,8 @@ and forced at it), and its cell energies are scaled so that they sum to the draw
 Reproducibility: row ``r`` (counted from ``first_row``) draws all its randomness (four uniforms
 per step, and the energies inside their bins) from its own stream
 ``seeded_rng(seed, ROWS, r)``, and its totals from ``seeded_rng(seed, TOTALS, r)``, so a shower
-depends on the seed and its row number, not on the batch size or the other rows (up to float
-round-off in batched matrix products).
+depends on the seed and its row number, not on the batch size, the other rows, its slot or when
+it started (up to float round-off in batched matrix products).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import torch
 
 from calofm.data.showers import SparseShowers, concatenate
 from calofm.errors import CalofmError
+from calofm.generation.decoder import N_UNIFORMS, EngineConfig, StaticDecoder
 from calofm.generation.sampler import SamplingConfig
 from calofm.model.conditions import Conditions
 from calofm.model.config import parse_class
@@ -54,11 +56,11 @@ class DecodedBatch:
     energy: np.ndarray  # (B, max_hits) int64
     n_hits: np.ndarray  # (B,) int64
     truncated: np.ndarray  # (B,) bool, reached max_hits without EOS
-    steps: int  # decode steps run
+    steps: int  # draws of the longest shower: its hits and one more (EOS, or past max_hits)
+    engine_steps: int = 0  # decode steps the engine ran (the conditions token, checks included)
 
 
-# Uniforms per row and decode step: layer, x, y (a flat voxel head uses the first) and energy.
-N_UNIFORMS = 4
+__all__ = ["N_UNIFORMS", "DecodedBatch", "EngineConfig", "decode", "generate", "seeded_rng"]
 
 
 @torch.no_grad()
@@ -70,18 +72,52 @@ def decode(
     max_hits: int,
     uniforms: torch.Tensor | None,
     use_cache: bool = True,
+    engine: EngineConfig | None = None,
 ) -> DecodedBatch:
-    """Generate one batch of token sequences.
+    """Generate one batch of token sequences, all rows started together.
 
     ``cond``: the conditions, or a bare (B,) tensor of scaled incident energies; where it carries
     shower totals, row i ends after exactly ``cond.n_hits[i]`` hits (at most ``max_hits``).
-    ``uniforms`` (B, max_hits + 1, N_UNIFORMS) float64 (None for greedy decoding). ``use_cache=False`` recomputes the whole prefix at every
-    step (the reference for tests and benchmarks; only the last position goes through the heads).
-    A voxel is never drawn twice when the model was trained so (``exclude_used_voxels``) or when
-    ``sampling.unique_voxels`` asks for it.
+    ``uniforms`` (B, max_hits + 1, N_UNIFORMS) float64 (None for greedy decoding). With the cache
+    the static decode step runs on ``engine`` (default: eager); ``use_cache=False`` recomputes the
+    whole prefix at every step instead (the reference for tests and benchmarks; only the last
+    position goes through the heads). A voxel is never drawn twice when the model was trained so
+    (``exclude_used_voxels``) or when ``sampling.unique_voxels`` asks for it.
     """
-    tok = model.tokenizer
     cond = Conditions.of(cond)
+    if not use_cache:
+        return _decode_recomputing(model, cond, class_id, sampling, max_hits, uniforms)
+    b = len(cond)
+    with StaticDecoder(model, class_id, sampling, max_hits, engine) as dec:
+        dec.load(np.arange(b), cond, uniforms)
+        parts = []
+        while dec.busy():
+            dec.run(dec.config.check_every)
+            parts.append(dec.finished())
+    order = np.argsort(np.concatenate([p.slots for p in parts]))
+    n_hits = np.concatenate([p.n_hits for p in parts])[order]
+    truncated = np.concatenate([p.truncated for p in parts])[order]
+    width = int(n_hits.max()) if b else 0
+    return DecodedBatch(
+        spatial=np.concatenate([p.spatial for p in parts])[order, :width],
+        energy=np.concatenate([p.energy for p in parts])[order, :width],
+        n_hits=n_hits,
+        truncated=truncated,
+        steps=int(n_hits.max()) + 1 if b else 0,
+        engine_steps=dec.steps,
+    )
+
+
+def _decode_recomputing(
+    model: CaloFM,
+    cond: Conditions,
+    class_id: torch.Tensor,
+    sampling: SamplingConfig,
+    max_hits: int,
+    uniforms: torch.Tensor | None,
+) -> DecodedBatch:
+    """``decode`` without a cache: the whole prefix through the model at every step."""
+    tok = model.tokenizer
     b, dev = len(cond), cond.incident.device
     routing = model.routing(class_id)
     stop_at = cond.n_hits if cond.has_totals else None
@@ -93,46 +129,32 @@ def decode(
     rows = torch.arange(b, device=dev)
     unique = model.config.exclude_used_voxels or sampling.unique_voxels
     used = torch.zeros(b, tok.n_voxels, dtype=torch.bool, device=dev) if unique else None
-
-    def last_hidden(step: int) -> torch.Tensor:
-        if use_cache:
-            s, e = seq_s[:, step : step + 1], seq_e[:, step : step + 1]
-            h = model.hidden_states(s, e, cond if step == 0 else None, routing, start=step)
-        else:
-            h = model.hidden_states(seq_s[:, : step + 1], seq_e[:, : step + 1], cond, routing)
-        return h[-1][:, -1]
-
-    if use_cache:
-        model.setup_cache(b, max_hits + 1, device=dev)
-    try:
-        steps = 0
-        for step in range(max_hits + 1):
-            h = last_hidden(step)
-            steps += 1
-            at_end = None if stop_at is None else n_hits >= stop_at
-            s, e = model.next_tokens(
-                h,
-                routing,
-                None if uniforms is None else uniforms[:, step],
-                used,
-                seq_e[:, step],
-                sampling.temperature_at(step, max_hits),
-                sampling.top_k,
-                sampling.top_p,
-                at_end,
-            )
-            if at_end is not None:
-                s = torch.where(at_end, tok.spatial_eos, s)
-            done |= (s == tok.spatial_eos) | (e == tok.energy_eos)
-            if step == max_hits or bool(done.all()):
-                break
-            if used is not None:
-                used[rows, s.clamp(max=tok.n_voxels - 1)] |= ~done
-            seq_s[:, step + 1] = torch.where(done, tok.spatial_pad, s)
-            seq_e[:, step + 1] = torch.where(done, tok.energy_pad, e)
-            n_hits += (~done).long()
-    finally:
-        model.clear_cache()
+    steps = 0
+    for step in range(max_hits + 1):
+        hidden = model.hidden_states(seq_s[:, : step + 1], seq_e[:, : step + 1], cond, routing)
+        steps += 1
+        at_end = None if stop_at is None else n_hits >= stop_at
+        s, e = model.next_tokens(
+            hidden[-1][:, -1],
+            routing,
+            None if uniforms is None else uniforms[:, step],
+            used,
+            seq_e[:, step],
+            sampling.temperature_at(step, max_hits),
+            sampling.top_k,
+            sampling.top_p,
+            at_end,
+        )
+        if at_end is not None:
+            s = torch.where(at_end, tok.spatial_eos, s)
+        done |= (s == tok.spatial_eos) | (e == tok.energy_eos)
+        if step == max_hits or bool(done.all()):
+            break
+        if used is not None:
+            used[rows, s.clamp(max=tok.n_voxels - 1)] |= ~done
+        seq_s[:, step + 1] = torch.where(done, tok.spatial_pad, s)
+        seq_e[:, step + 1] = torch.where(done, tok.energy_pad, e)
+        n_hits += (~done).long()
     width = int(n_hits.max()) if b else 0
     return DecodedBatch(
         spatial=seq_s[:, 1 : 1 + width].cpu().numpy(),
@@ -140,7 +162,26 @@ def decode(
         n_hits=n_hits.cpu().numpy(),
         truncated=(~done).cpu().numpy(),
         steps=steps,
+        engine_steps=steps,
     )
+
+
+@torch.no_grad()
+def draw_totals(
+    model: CaloFM, cond: Conditions, class_id: int, u: np.ndarray, max_hits: int
+) -> Conditions:
+    """``cond`` with each row's hit count and visible energy drawn from the class's totals model,
+    from the row's uniforms ``u`` (B, 3). Row by row: a batched product rounds differently with
+    the batch, and a shower must not depend on the showers drawn beside it."""
+    assert model.totals is not None
+    features = cond.features(model.energy_head.weight.dtype)
+    routing = model.routing(torch.tensor([class_id], device=features.device))
+    uniforms = torch.from_numpy(u).to(features.device)
+    points = [
+        model.totals.sample(features[i : i + 1], routing, uniforms[i : i + 1])
+        for i in range(len(u))
+    ]
+    return cond.with_totals(*from_point(torch.cat(points), max_hits))
 
 
 def _class_rows(model: CaloFM, classes: str | Sequence[str], n: int) -> list[str]:
@@ -169,12 +210,16 @@ def generate(
     device: str | torch.device | None = None,
     first_row: int = 0,
     progress: Callable[[int], None] | None = None,
+    continuous: bool = True,
+    engine: EngineConfig | None = None,
 ) -> tuple[dict[str, SparseShowers], dict]:
     """Generate one shower per incident energy; ``classes`` is one class name or one per row.
 
     Returns the showers of each class (rows in input order) and statistics: hits generated,
-    duplicate voxels merged, showers truncated at ``max_hits``, speed. ``first_row`` numbers the
-    rows for seeding, so generating rows in several calls gives the same showers as one call.
+    duplicate voxels merged, showers truncated at ``max_hits``, speed, KV-cache bytes per shower.
+    ``first_row`` numbers the rows for seeding, so generating rows in several calls gives the same
+    showers as one call. Each class is decoded in ``batch_size`` slots; ``continuous`` refills a
+    slot as soon as its shower ends, otherwise a batch starts when the previous one has ended.
     """
     incident_gev = np.asarray(incident_gev, dtype=np.float32).reshape(-1)
     n = len(incident_gev)
@@ -197,52 +242,69 @@ def generate(
     scaled = tokenizer.scale_incident(incident_gev)
     class_ids = np.array([model.class_index(c) for c in per_row])
 
-    parts: dict[str, list[SparseShowers]] = {c: [] for c in dict.fromkeys(per_row)}
+    showers: dict[int, SparseShowers] = {}
     stats = dict(n_showers=n, n_hits=0, n_duplicates=0, n_truncated=0, steps=0, max_hits=max_hits)
     scales: list[float] = []  # drawn over decoded visible energy, per shower with totals
     t0 = time.perf_counter()
-    for start in range(0, n, batch_size):
-        rows = range(start, min(start + batch_size, n))
-        rngs = [seeded_rng(seed, ROWS, first_row + r) for r in rows]
+    rngs: dict[int, np.random.Generator] = {}  # of the showers being decoded
+    visible: dict[int, float] = {}  # their drawn visible energies (models with totals)
+
+    def start(slots: np.ndarray, todo: np.ndarray, dec: StaticDecoder) -> None:
+        """Load the showers of rows ``todo`` (one class) into ``slots``."""
+        for r in todo:
+            rngs[r] = seeded_rng(seed, ROWS, first_row + r)
         uniforms = None
         if not sampling.greedy:
-            draws = np.stack([g.random((max_hits + 1, N_UNIFORMS)) for g in rngs])
-            uniforms = torch.from_numpy(draws).to(dev)
-        class_id = torch.from_numpy(class_ids[rows.start : rows.stop]).to(dev)
-        cond = Conditions(torch.from_numpy(scaled[rows.start : rows.stop]).to(dev))
-        visible = None
+            draws = np.stack([rngs[r].random((max_hits + 1, N_UNIFORMS)) for r in todo])
+            uniforms = torch.from_numpy(draws)
+        cond = Conditions(torch.from_numpy(scaled[todo]).to(dev))
         if model.totals is not None:
-            u = np.stack([seeded_rng(seed, TOTALS, first_row + r).random(3) for r in rows])
-            point = model.totals.sample(
-                cond.features(model.energy_head.weight.dtype),
-                model.routing(class_id),
-                torch.from_numpy(u).to(dev),
-            )
-            cond = cond.with_totals(*from_point(point, max_hits))
-            visible = cond.visible.cpu().numpy()
-        out = decode(model, cond, class_id, sampling, max_hits, uniforms)
-        stats["steps"] += out.steps
-        stats["n_truncated"] += int(out.truncated.sum())
-        for i, r in enumerate(rows):
-            k = int(out.n_hits[i])
-            material, particle = parse_class(per_row[r])
-            showers, n_dup = tokenizer.decode(
-                [out.spatial[i, :k]],
-                [out.energy[i, :k]],
-                incident_gev[r : r + 1],
-                model.detector.with_material(material),
-                particle,
-                rngs[i],
-            )
-            if visible is not None and k:  # the drawn visible energy, exactly
-                scale = visible[i] / showers.energies.sum(dtype=np.float64)
-                showers.energies *= np.float32(scale)
-                scales.append(scale)
-            parts[per_row[r]].append(showers)
-            stats["n_hits"] += k
-            stats["n_duplicates"] += n_dup
-        if progress is not None:
-            progress(len(rows))
+            u = np.stack([seeded_rng(seed, TOTALS, first_row + r).random(3) for r in todo])
+            cond = draw_totals(model, cond, int(class_ids[todo[0]]), u, max_hits)
+            visible.update(zip(todo.tolist(), cond.visible.cpu().tolist(), strict=True))
+        dec.load(slots, cond, uniforms)
+
+    for name in dict.fromkeys(per_row):
+        rows = np.array([r for r in range(n) if per_row[r] == name])
+        material, particle = parse_class(name)
+        detector = model.detector.with_material(material)
+        n_slots = min(batch_size, len(rows))
+        class_id = torch.full((n_slots,), int(class_ids[rows[0]]), device=dev)
+        slot_row = np.full(n_slots, -1)
+        with StaticDecoder(model, class_id, sampling, max_hits, engine) as dec:
+            stats["kv_cache_bytes_per_shower"] = dec.kv_cache_bytes_per_shower()
+            queue = list(rows)
+            while queue or dec.busy():
+                free = np.flatnonzero(slot_row < 0)
+                if queue and len(free) and (continuous or len(free) == n_slots):
+                    todo = np.array(queue[: len(free)])
+                    del queue[: len(todo)]
+                    start(free[: len(todo)], todo, dec)
+                    slot_row[free[: len(todo)]] = todo
+                dec.run(dec.config.check_every)
+                out = dec.finished()
+                for i, slot in enumerate(out.slots):
+                    r, k = int(slot_row[slot]), int(out.n_hits[i])
+                    slot_row[slot] = -1
+                    one, n_dup = tokenizer.decode(
+                        [out.spatial[i, :k]],
+                        [out.energy[i, :k]],
+                        incident_gev[r : r + 1],
+                        detector,
+                        particle,
+                        rngs.pop(r),
+                    )
+                    if r in visible and k:  # the drawn visible energy, exactly
+                        scale = visible.pop(r) / one.energies.sum(dtype=np.float64)
+                        one.energies *= np.float32(scale)
+                        scales.append(scale)
+                    showers[r] = one
+                    stats["n_hits"] += k
+                    stats["n_duplicates"] += n_dup
+                    stats["n_truncated"] += int(out.truncated[i])
+                if progress is not None and len(out.slots):
+                    progress(len(out.slots))
+            stats["steps"] += dec.steps
     seconds = time.perf_counter() - t0
     stats.update(
         seconds=seconds,
@@ -250,7 +312,12 @@ def generate(
         showers_per_s=n / seconds if seconds > 0 else float("inf"),
         hits_per_s=stats["n_hits"] / seconds if seconds > 0 else float("inf"),
         sampling=sampling.to_dict(),
+        engine=(engine or EngineConfig()).engine,
+        continuous=continuous,
     )
     if scales:  # how far the hits' own energies were from the drawn visible energy
         stats["visible_scale_quantiles"] = np.quantile(scales, [0.05, 0.5, 0.95]).tolist()
-    return {c: concatenate(p) for c, p in parts.items()}, stats
+    return {
+        c: concatenate([showers[r] for r in range(n) if per_row[r] == c])
+        for c in dict.fromkeys(per_row)
+    }, stats

@@ -27,7 +27,9 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin, (L, rope_dim/2) each, for integer positions (L,); always in fp32."""
+        """cos and sin, (L, rope_dim/2) each, for integer positions (L,); always in fp32.
+
+        A decoder computes them once for every position and gathers rows per step (fp32 too)."""
         angles = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]
         return angles.cos(), angles.sin()
 
@@ -90,3 +92,27 @@ class Attention(nn.Module):
             mask = keys[None, :] <= queries[:, None]
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.wo(y.transpose(1, 2).reshape(b, t, d), routing)
+
+    def step(
+        self,
+        x_q: torch.Tensor,
+        x_kv: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        routing: Routing,
+        pos: torch.Tensor,
+        mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """One new position per row (B, 1, d), row i at position ``pos[i]``: static shapes.
+
+        ``rope``: cos and sin (B, 1, 1, rope_dim/2) of each row's position; ``mask`` (B, 1, 1, W)
+        says which of the first W cached positions each row sees (those up to its own).
+        """
+        b, _, d = x_q.shape
+        cos, sin = rope
+        q = apply_rope(self._heads(self.wq(x_q, routing)), cos, sin)
+        k = apply_rope(self._heads(self.wk(x_kv, routing)), cos, sin)
+        v = self._heads(self.wv(x_kv, routing))
+        assert self.kv_cache is not None, "call setup_cache before decoding with a cache"
+        keys, values = self.kv_cache.write_rows(pos, k, v, mask.shape[-1])
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        return self.wo(y.transpose(1, 2).reshape(b, 1, d), routing)

@@ -72,7 +72,7 @@ class FlatVoxelHead(RoutedLinear):
         layer_bias: torch.Tensor | None = None,
         routing: Routing | None = None,
     ) -> torch.Tensor:
-        y = F.linear(h, self.weight, self.bias)
+        y = RoutedLinear.forward(self, h)  # prepacked weights while decoding on a CPU
         if layer_bias is not None:
             layers = self.layer_of_token.to(y.device)  # a buffer a routed wrapper does not move
             bias = F.pad(layer_bias, (0, 1))[:, layers].to(y.dtype)
@@ -101,7 +101,7 @@ class FlatVoxelHead(RoutedLinear):
         h: torch.Tensor,
         u: torch.Tensor | None,
         used: torch.Tensor | None,
-        temperature: float,
+        temperature: float | torch.Tensor,
         top_k: int | None = None,
         top_p: float | None = None,
         layer_bias: torch.Tensor | None = None,
@@ -109,7 +109,7 @@ class FlatVoxelHead(RoutedLinear):
         can_end: torch.Tensor | None = None,
     ) -> torch.Tensor:
         logits = self.scores(h, layer_bias).float()
-        logits[:, [self.sos, self.pad]] = float("-inf")
+        logits[:, self.sos] = logits[:, self.pad] = float("-inf")  # no index tensors
         if can_end is not None:
             logits[:, self.eos].masked_fill_(~can_end, float("-inf"))
         if used is not None:
@@ -223,7 +223,7 @@ class FactorisedVoxelHead(nn.Module):
         h: torch.Tensor,
         u: torch.Tensor | None,
         used: torch.Tensor | None,
-        temperature: float,
+        temperature: float | torch.Tensor,
         top_k: int | None = None,
         top_p: float | None = None,
         layer_bias: torch.Tensor | None = None,

@@ -1,7 +1,11 @@
 """A static, pre-allocated key/value cache for one attention module (gpt-fast style).
 
-The buffers are allocated once for the longest sequence; ``update`` writes the new positions and
-returns views of the positions written so far, so attention never sees the empty slots.
+The buffers are allocated once for the longest sequence. ``update`` writes the same new positions
+of every row and returns views of the positions written so far, so attention never sees the empty
+slots (prefill and the eager reference). ``write_rows`` writes one position per row, each row at its
+own position, and returns a fixed-length window: the static decode step, whose shapes do not change
+from step to step (CUDA graphs, compilation, continuous batching); the caller masks the slots
+beyond each row's position.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ class KVCache(nn.Module):
         # Not part of the model's weights: never saved, rebuilt for every generation run.
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("rows", torch.arange(batch_size, device=device), persistent=False)
 
     @property
     def max_len(self) -> int:
@@ -54,3 +59,13 @@ class KVCache(nn.Module):
         self.k[:, :, pos:end] = k
         self.v[:, :, pos:end] = v
         return self.k[:, :, :end], self.v[:, :, :end]
+
+    def write_rows(
+        self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write ``k, v`` (B, H, 1, Dh) of row i at position ``pos[i]``; return the first
+        ``window`` positions (B, H, window, Dh). No host synchronisation: ``pos`` is not checked,
+        the decoder keeps every row below ``max_len``."""
+        self.k[self.rows, :, pos] = k[:, :, 0]
+        self.v[self.rows, :, pos] = v[:, :, 0]
+        return self.k[:, :, :window], self.v[:, :, :window]

@@ -6,6 +6,11 @@ uniform per row is enough: exponentiate in place, take the cumulative sum in flo
 probabilities of 1e-12 keep their share) and find the uniform's place in it (inverse CDF). That is
 10-20x cheaper on this CPU, and because each row's uniforms come from its own seed, a shower does
 not depend on the other rows of its batch. Top-k and top-p cost a sort and run only when asked.
+
+Large vocabularies are searched in two levels: the uniform first picks a block of ``BLOCK``
+entries by the blocks' sums, then an entry inside that block by its cumulative weights in float64.
+The same inverse CDF, without a float64 copy and cumulative sum of the whole vocabulary (1.5-2x
+cheaper at 27k entries); a block's sum is taken in float32 (relative round-off ~1e-7).
 """
 
 from __future__ import annotations
@@ -14,28 +19,58 @@ import torch
 
 from calofm.errors import CalofmError
 
+BLOCK = 256
+
+
+def _below(total: torch.Tensor) -> torch.Tensor:
+    """The largest float64 below ``total``: a target there still lands on a non-zero weight."""
+    return torch.nextafter(total, torch.zeros_like(total))
+
+
+def _search(cdf: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """First index whose cumulative weight exceeds ``target`` (B, 1): never a zero weight."""
+    target = torch.minimum(target, _below(cdf[:, -1:]))
+    return torch.searchsorted(cdf, target, right=True).clamp_(max=cdf.shape[-1] - 1)
+
 
 def _inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Index drawn from unnormalised non-negative ``weights`` (B, V) with uniforms ``u`` (B,)."""
-    cdf = weights.to(torch.float64).cumsum_(dim=-1)
-    target = u.to(torch.float64)[:, None] * cdf[:, -1:]
-    # right=True: the draw lands in [cdf[i-1], cdf[i]), so zero-weight entries are never chosen.
-    index = torch.searchsorted(cdf, target, right=True)
-    return index.clamp_(max=weights.shape[-1] - 1)[:, 0]
+    b, v = weights.shape
+    u = u.to(torch.float64)[:, None]
+    if v < 4 * BLOCK:
+        cdf = weights.to(torch.float64).cumsum_(dim=-1)
+        return _search(cdf, u * cdf[:, -1:])[:, 0]
+    full = v // BLOCK * BLOCK
+    sums = weights[:, :full].view(b, -1, BLOCK).sum(-1)
+    if full < v:
+        sums = torch.cat([sums, weights[:, full:].sum(-1, keepdim=True)], dim=1)
+    sums = sums.to(torch.float64)
+    cdf = sums.cumsum(dim=-1)
+    block = _search(cdf, u * cdf[:, -1:])  # (B, 1), a block of non-zero sum
+    before = cdf.gather(1, block) - sums.gather(1, block)
+    frac = ((u * cdf[:, -1:] - before) / sums.gather(1, block)).clamp_(min=0.0)
+    index = block * BLOCK + torch.arange(BLOCK, device=weights.device)
+    inside = weights.gather(1, index.clamp(max=v - 1)).to(torch.float64)
+    inside.masked_fill_(index >= v, 0.0)  # past the end of a last, partial block
+    inner = inside.cumsum_(dim=-1)
+    return (block * BLOCK + _search(inner, frac * inner[:, -1:]))[:, 0]
 
 
 def sample(
     logits: torch.Tensor,
     u: torch.Tensor | None,
-    temperature: float,
+    temperature: float | torch.Tensor,
     top_k: int | None = None,
     top_p: float | None = None,
 ) -> torch.Tensor:
     """Token ids (B,) from ``logits`` (B, V); ``logits`` is overwritten (no copy is made).
 
     ``u`` holds one uniform in [0, 1) per row; it is unused when ``temperature == 0`` (greedy).
+    ``temperature`` is one number or one per row (B, 1) (a static decode step's dynamic
+    temperature: a tensor, so that no step reads it back on the host).
     """
-    if temperature == 0:
+    per_row = isinstance(temperature, torch.Tensor)
+    if not per_row and temperature == 0:
         return logits.argmax(dim=-1)
     if u is None:
         raise CalofmError("sampling needs one uniform per row")
@@ -51,7 +86,7 @@ def sample(
         weights = probs
     else:
         logits.sub_(logits.amax(dim=-1, keepdim=True))
-        if temperature != 1:
+        if per_row or temperature != 1:
             logits.div_(temperature)
         weights = logits.exp_()
     drawn = _inverse_cdf(weights, u)

@@ -66,6 +66,23 @@ class Block(nn.Module):
             x = x + self.attn(h, h, rope, routing, cache_pos)
         return x + self.experts(self.ln_ffn(x), routing)
 
+    def step(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        routing: Routing,
+        pos: torch.Tensor,
+        mask: torch.Tensor,
+        queries: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``forward`` for one new position per row at per-row positions (``Attention.step``)."""
+        if self.cross:
+            x = x + self.attn.step(self.ln_attn(queries), self.ln_kv(x), rope, routing, pos, mask)
+        else:
+            h = self.ln_attn(x)
+            x = x + self.attn.step(h, h, rope, routing, pos, mask)
+        return x + self.experts(self.ln_ffn(x), routing)
+
 
 class CaloFM(nn.Module):
     def __init__(
@@ -288,6 +305,73 @@ class CaloFM(nn.Module):
             out.append(x[:, 1:] if first else x)
         return out
 
+    def _step_context(
+        self, cond: Conditions, energy: torch.Tensor, pos: torch.Tensor, dtype: torch.dtype
+    ) -> torch.Tensor | None:
+        """``_context`` for one token per row (B,) at per-row positions ``pos`` (B,): the same
+        features, from tensors only (the decode step is captured or compiled once).
+
+        The token at hidden position p >= 1 is token p - 1 of its stream, so the shower has p - 1
+        hits before it; ``self.deposited`` restarts at a row's first token (p <= 1).
+        """
+        if self.context is None:
+            return None
+        parts = []
+        if self.config.condition_every_position:
+            parts.append(cond.features(dtype))
+        if self.config.totals:
+            parts.append(cond.totals_features(dtype))
+        if self.config.shower_state:
+            assert self.deposited is not None, "call setup_cache before decoding with a cache"
+            fresh = pos <= 1
+            deposited = torch.where(fresh, 0.0, self.deposited) + self.bin_mev[energy]
+            self.deposited.copy_(deposited)
+            deposited = deposited.to(dtype)
+            hits = (pos - 1).clamp(min=0).to(dtype)
+            state = [torch.log1p(deposited) / LOG_MEV_SCALE, torch.log1p(hits) / LOG_HITS_SCALE]
+            if self.config.totals:
+                state.append(1 - deposited / cond.visible.to(dtype).clamp(min=1e-3))
+                state.append(1 - hits / cond.n_hits.to(dtype).clamp(min=1))
+            parts.append(torch.stack(state, dim=-1))
+        return self.context(torch.cat(parts, dim=-1))[:, None, :]
+
+    def decode_step(
+        self,
+        spatial: torch.Tensor,
+        energy: torch.Tensor,
+        pos: torch.Tensor,
+        cond: Conditions,
+        routing: Routing,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """The last block's output (B, d) for one input per row, row i at hidden position
+        ``pos[i]``: the conditions token where ``pos`` is 0, else the tokens ``spatial``,
+        ``energy`` (B,). Static shapes and no host synchronisation, so rows can be at different
+        positions (continuous batching) and the step can be captured (CUDA graphs) or compiled.
+        ``rope`` and ``mask`` as for ``Attention.step``. Equals ``hidden_states`` with the KV
+        cache, up to float round-off (tests/test_static_decode.py).
+        """
+        s, e = spatial[:, None], energy[:, None]
+        g = self.geometry[s]
+        xs = (
+            self.spatial_embed(s)
+            + self.layer_embed(g[..., 0])
+            + self.x_embed(g[..., 1])
+            + self.y_embed(g[..., 2])
+        )
+        xe = self.energy_embed(e)
+        context = self._step_context(cond, energy, pos, xs.dtype)
+        if context is not None:
+            xs, xe = xs + context, xe + context
+        xi = self.incident_embed(cond.incident.to(xs.dtype)[:, None])[:, None, :]
+        xs, xe, xi = self.embed_hook(xs, xe, xi, s, routing)
+        first = (pos == 0)[:, None, None]
+        x, xe = torch.where(first, xi, xs), torch.where(first, xi, xe)
+        for i, block in enumerate(self.blocks):
+            x = block.step(x, rope, routing, pos, mask, queries=xe if i == 0 else None)
+        return x[:, 0]
+
     def _energy_logits(
         self, h: torch.Tensor, routing: Routing, previous: torch.Tensor | None
     ) -> torch.Tensor:
@@ -389,7 +473,7 @@ class CaloFM(nn.Module):
         u: torch.Tensor | None,
         used: torch.Tensor | None,
         previous_energy: torch.Tensor,
-        temperature: float,
+        temperature: float | torch.Tensor,
         top_k: int | None = None,
         top_p: float | None = None,
         can_end: torch.Tensor | None = None,
@@ -414,7 +498,7 @@ class CaloFM(nn.Module):
             can_end=can_end,
         )
         le = self._energy_logits(h, routing, previous_energy).float()
-        le[:, [tok.energy_sos, tok.energy_pad]] = float("-inf")
+        le[:, tok.energy_sos] = le[:, tok.energy_pad] = float("-inf")  # no index tensors
         e = sample(le, None if u is None else u[:, 3], temperature, top_k, top_p)
         return s, e
 

@@ -1,0 +1,297 @@
+"""The static decode step: fixed shapes, no host synchronisation, rows at their own positions.
+
+A ``StaticDecoder`` owns a batch of ``slots``. Each slot decodes one shower: at hidden position 0
+it feeds the conditions token, then SOS and the hits drawn so far, one position per step; its
+KV-cache rows, uniforms, voxels used and tokens live in buffers allocated once. A step reads and
+writes only those buffers (the position is a tensor, RoPE comes from a precomputed table, the
+attention covers a fixed window of the cache with a per-row mask, the stop decision is a tensor),
+so one step can be
+
+- run eagerly (``engine="eager"``, the reference),
+- captured once per attention window and replayed (``engine="graphs"``, CUDA only),
+- compiled (``engine="compile"``, ``torch.compile``).
+
+The host looks at the slots only every ``check_every`` steps: finished slots are read out and,
+with continuous batching, loaded with the next showers while the others go on. A finished slot
+stops advancing, so the steps it runs until the next check change nothing. Rows draw their
+randomness from their own uniforms, so a shower does not depend on its slot, its batch or when it
+was loaded.
+
+The window (how many cache positions attention covers) is the longest position any slot can have
+reached, rounded up to ``window_step``: 1 on a CPU (the work grows with the length written, as
+without padding); a multiple of 64 for graphs and compilation, so that a few captured graphs or
+compiled kernels serve every length.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from calofm.errors import CalofmError
+from calofm.generation.sampler import SamplingConfig
+from calofm.model.conditions import Conditions
+from calofm.model.experts import prepacked
+from calofm.model.transformer import CaloFM
+
+ENGINES = ("eager", "compile", "graphs")
+
+# Uniforms per row and decode step: layer, x, y (a flat voxel head uses the first) and energy.
+N_UNIFORMS = 4
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How decode steps run; ``resolve`` fills the defaults for a device."""
+
+    engine: str = "eager"
+    check_every: int = 8  # steps between two looks of the host at the slots
+    window_step: int = 1  # attention window rounded up to a multiple of this
+    prepack: bool = True  # oneDNN-packed weights of the large heads on a CPU
+
+    def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise CalofmError(f"unknown decode engine {self.engine!r}; choose one of {ENGINES}")
+        if self.check_every <= 0 or self.window_step <= 0:
+            raise CalofmError("decode engine: check_every and window_step must be positive")
+
+    @classmethod
+    def for_device(cls, engine: str, device: torch.device | str) -> EngineConfig:
+        """The engine's settings: graphs need CUDA; graphs and compiled steps use windows of 64."""
+        if engine == "graphs" and torch.device(device).type != "cuda":
+            raise CalofmError("decode engine 'graphs' needs a CUDA device")
+        return cls(engine=engine, window_step=1 if engine == "eager" else 64)
+
+
+@dataclass
+class Finished:
+    """Showers read out of their slots: tokens, hit counts, truncation (reached max_hits)."""
+
+    slots: np.ndarray  # (k,) slot indices
+    spatial: np.ndarray  # (k, max_hits) int64, PAD after the last hit
+    energy: np.ndarray  # (k, max_hits) int64
+    n_hits: np.ndarray  # (k,) int64
+    truncated: np.ndarray  # (k,) bool
+
+
+class StaticDecoder:
+    """Slots decoding showers with one static step (module docstring). Use as a context manager:
+    it sets up the model's KV cache (and prepacked heads) on entry and clears them on exit."""
+
+    def __init__(
+        self,
+        model: CaloFM,
+        class_id: torch.Tensor,
+        sampling: SamplingConfig,
+        max_hits: int,
+        engine: EngineConfig | None = None,
+    ):
+        self.model, self.sampling, self.max_hits = model, sampling, max_hits
+        self.config = engine or EngineConfig()
+        tok = model.tokenizer
+        dev = model.energy_head.weight.device
+        b = len(class_id)
+        self.n_slots, self.device = b, dev
+        self.routing = model.routing(class_id.to(dev))
+        self.max_len = max_hits + 2  # the conditions token, SOS and max_hits hits
+        long = dict(dtype=torch.long, device=dev)
+        self.rows = torch.arange(b, device=dev)
+        self.keys = torch.arange(self.max_len, device=dev)
+        cos, sin = model.rope(self.keys)
+        self.cos, self.sin = cos, sin
+        # Per-slot state, updated in place by the step.
+        self.pos = torch.zeros(b, **long)
+        self.spatial = torch.full((b,), tok.spatial_sos, **long)  # the token fed next
+        self.energy = torch.full((b,), tok.energy_sos, **long)
+        self.done = torch.ones(b, dtype=torch.bool, device=dev)  # empty slots count as done
+        self.truncated = torch.zeros(b, dtype=torch.bool, device=dev)
+        self.n_hits = torch.zeros(b, **long)
+        self.out_s = torch.full((b, max_hits + 2), tok.spatial_pad, **long)
+        self.out_e = torch.full((b, max_hits + 2), tok.energy_pad, **long)
+        unique = model.config.exclude_used_voxels or sampling.unique_voxels
+        self.used = torch.zeros(b, tok.n_voxels, dtype=torch.bool, device=dev) if unique else None
+        self.greedy = sampling.greedy
+        self.uniforms = (
+            None
+            if self.greedy
+            else torch.zeros(b, max_hits + 1, N_UNIFORMS, dtype=torch.float64, device=dev)
+        )
+        self.totals = model.config.totals
+        zeros = torch.zeros(b, device=dev)
+        self.cond = Conditions(
+            zeros.clone(),
+            torch.zeros(b, **long) if self.totals else None,
+            zeros.clone() if self.totals else None,
+        )
+        self.host_pos = np.full(b, -1)  # an upper bound of each slot's position (-1: empty)
+        self.steps = 0
+        self._run = self._runner()
+        self._pack = None
+
+    # ---- set-up ---------------------------------------------------------------------------------
+
+    def __enter__(self) -> StaticDecoder:
+        self.model.setup_cache(self.n_slots, self.max_hits + 1, device=self.device)
+        if self.config.prepack:
+            self._pack = prepacked(self.model, self.n_slots)
+            self._pack.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._pack is not None:
+            self._pack.__exit__(None, None, None)
+            self._pack = None
+        self.model.clear_cache()
+
+    def load(self, slots: np.ndarray, cond: Conditions, uniforms: torch.Tensor | None) -> None:
+        """Start new showers in ``slots`` (empty or finished and read out) with their conditions
+        (k rows) and uniforms (k, >= max_hits + 1, N_UNIFORMS) (None when greedy)."""
+        tok = self.model.tokenizer
+        idx = torch.as_tensor(slots, device=self.device)
+        self.cond.incident[idx] = cond.incident.to(self.device, self.cond.incident.dtype)
+        if self.totals:
+            if not cond.has_totals:
+                raise CalofmError("decode: a model with shower totals needs them in the conditions")
+            self.cond.n_hits[idx] = cond.n_hits.to(self.device)
+            self.cond.visible[idx] = cond.visible.to(self.device, self.cond.visible.dtype)
+        if self.uniforms is not None:
+            if uniforms is None:
+                raise CalofmError("decode: sampling needs uniforms")
+            self.uniforms[idx] = uniforms[:, : self.max_hits + 1].to(self.device)
+        self.pos[idx] = 0
+        self.spatial[idx], self.energy[idx] = tok.spatial_sos, tok.energy_sos
+        self.done[idx] = False
+        self.truncated[idx] = False
+        self.n_hits[idx] = 0
+        self.out_s[idx], self.out_e[idx] = tok.spatial_pad, tok.energy_pad
+        if self.used is not None:
+            self.used[idx] = False
+        self.host_pos[slots] = 0
+
+    # ---- the step -------------------------------------------------------------------------------
+
+    def _temperature(self, hit: torch.Tensor) -> float | torch.Tensor:
+        """The temperature for each row's next hit: a number, or (B, 1) when it changes."""
+        s = self.sampling
+        if s.dynamic_temperature is None:
+            return s.temperature
+        lo, hi = s.dynamic_temperature
+        frac = hit.clamp(max=self.max_hits).to(torch.float32) / max(self.max_hits, 1)
+        return (lo + (hi - lo) * frac)[:, None]
+
+    def _step(self, window: int) -> None:
+        """One step of every slot; reads and writes only the decoder's buffers."""
+        model, tok, s = self.model, self.model.tokenizer, self.sampling
+        pos = self.pos
+        rope = (self.cos[pos][:, None, None, :], self.sin[pos][:, None, None, :])
+        mask = (self.keys[:window] <= pos[:, None])[:, None, None, :]
+        h = model.decode_step(self.spatial, self.energy, pos, self.cond, self.routing, rope, mask)
+        hit = (pos - 1).clamp(min=0)  # the hit this step draws, counted from 0
+        u = None if self.uniforms is None else self.uniforms[self.rows, hit]
+        at_end = self.n_hits >= self.cond.n_hits if self.totals else None
+        sp, en = model.next_tokens(
+            h,
+            self.routing,
+            u,
+            self.used,
+            self.energy,
+            self._temperature(hit),
+            s.top_k,
+            s.top_p,
+            at_end,
+        )
+        if at_end is not None:
+            sp = torch.where(at_end, tok.spatial_eos, sp)
+        live = (pos > 0) & ~self.done
+        ended = (sp == tok.spatial_eos) | (en == tok.energy_eos)
+        last = hit >= self.max_hits
+        record = live & ~ended & ~last
+        self.truncated |= live & ~ended & last
+        self.done |= live & (ended | last)
+        slot = hit + 1
+        self.out_s[self.rows, slot] = torch.where(record, sp, tok.spatial_pad)
+        self.out_e[self.rows, slot] = torch.where(record, en, tok.energy_pad)
+        if self.used is not None:
+            self.used[self.rows, sp.clamp(max=tok.n_voxels - 1)] |= record
+        self.n_hits += record.long()
+        first = pos == 0
+        self.spatial.copy_(torch.where(first, tok.spatial_sos, sp))
+        self.energy.copy_(torch.where(first, tok.energy_sos, en))
+        self.pos.copy_(torch.where(self.done, pos, pos + 1))
+
+    def _runner(self) -> Callable[[int], None]:
+        engine = self.config.engine
+        if engine == "eager":
+            return self._step
+        if engine == "compile":
+            return torch.compile(self._step, dynamic=False)
+        return GraphReplay(self._step)
+
+    def run(self, n_steps: int) -> None:
+        """``n_steps`` steps of every slot, without looking at the results."""
+        for _ in range(n_steps):
+            reach = int(self.host_pos.max()) + 1
+            step = self.config.window_step
+            window = min(self.max_len, -(-reach // step) * step)
+            self._run(window)
+            self.steps += 1
+            busy = self.host_pos >= 0
+            self.host_pos[busy] = np.minimum(self.host_pos[busy] + 1, self.max_len - 1)
+
+    # ---- the host's look ------------------------------------------------------------------------
+
+    def finished(self) -> Finished:
+        """Read out (and free) the slots whose shower has ended since the last look."""
+        busy = torch.from_numpy(self.host_pos >= 0).to(self.device)
+        slots = torch.nonzero(self.done & busy).flatten().cpu().numpy()  # the host sync
+        idx = torch.as_tensor(slots, device=self.device)
+        width = self.max_hits
+        out = Finished(
+            slots=slots,
+            spatial=self.out_s[idx, 1 : 1 + width].cpu().numpy(),
+            energy=self.out_e[idx, 1 : 1 + width].cpu().numpy(),
+            n_hits=self.n_hits[idx].cpu().numpy(),
+            truncated=self.truncated[idx].cpu().numpy(),
+        )
+        self.host_pos[slots] = -1
+        return out
+
+    def busy(self) -> int:
+        """Slots holding a shower that has not been read out."""
+        return int((self.host_pos >= 0).sum())
+
+    def kv_cache_bytes_per_shower(self) -> int:
+        return self.model.cache_bytes() // self.n_slots
+
+
+class GraphReplay:
+    """A CUDA graph of ``step`` per attention window: the first call runs it eagerly (warm-up:
+    cuBLAS handles, lazy initialisation), later calls capture a window once and replay it."""
+
+    def __init__(self, step: Callable[[int], None]):
+        self.step = step
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.pool = None
+        self.warm = False
+
+    def __call__(self, window: int) -> None:
+        graph = self.graphs.get(window)
+        if graph is None:
+            if not self.warm:
+                stream = torch.cuda.Stream()
+                stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(stream):
+                    self.step(window)  # a real step, on a side stream as capture requires
+                torch.cuda.current_stream().wait_stream(stream)
+                self.warm = True
+                return
+            if self.pool is None:
+                self.pool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                self.step(window)  # recorded, not run
+            self.graphs[window] = graph
+        graph.replay()
