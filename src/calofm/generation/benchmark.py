@@ -3,8 +3,10 @@
 Method. A model of the chosen preset with random weights and its end-of-sequence logits pushed to
 -1e9, so every shower runs the full length. The cost of one decode step (model step + sampling of
 both heads + bookkeeping) is measured at several prefix lengths L (the median of a few repeats),
-for the KV cache (one new token against the cached prefix) and for recomputation (a full causal pass
-over the L+1 positions, heads on the last position only: the fair no-cache baseline). The step cost
+for the KV cache (the static decode step of generation: one new token per row against the cached
+prefix) and for recomputation (a full causal pass over the L+1 positions, heads on the last
+position only: the fair no-cache baseline); both with the heads as generation runs them (packed
+for oneDNN on a CPU). The step cost
 is fitted with a + b L + c L^2 (least squares), and the time of an N-token shower batch is the sum
 of the fit over L = 0..N-1. So recomputation at batch 128 x 1000 tokens (hours on this CPU) costs a
 few probe steps; one full KV decode is also run end to end and compared with its extrapolation.
@@ -29,9 +31,12 @@ import torch
 
 from calofm import __version__
 from calofm.detector import DetectorConfig
-from calofm.generation.engine import N_UNIFORMS, decode
+from calofm.generation.decoder import N_UNIFORMS, EngineConfig, StaticDecoder
+from calofm.generation.engine import decode
 from calofm.generation.sampler import SamplingConfig
+from calofm.model.conditions import Conditions
 from calofm.model.config import preset
+from calofm.model.experts import prepacked
 from calofm.model.transformer import CaloFM
 from calofm.tokens import TokenizerConfig
 
@@ -117,6 +122,17 @@ def bench_model(config_name: str, n_classes: int, n_bins: int | None) -> CaloFM:
     return model
 
 
+def fixed_length(model: CaloFM, incident: torch.Tensor, n_hits: int) -> Conditions:
+    """Conditions under which a benchmark model's showers all have ``n_hits`` hits: its EOS is
+    out of reach, and a model with shower totals is given that hit count (and 1 GeV visible)."""
+    cond = Conditions(incident)
+    if model.config.totals:
+        b = len(incident)
+        hits = torch.full((b,), n_hits, dtype=torch.long, device=incident.device)
+        cond = cond.with_totals(hits, torch.full((b,), 1000.0, device=incident.device))
+    return cond
+
+
 class StepRunner:
     """One decode step of a batch at a given prefix length, with or without the KV cache."""
 
@@ -128,9 +144,11 @@ class StepRunner:
         g = torch.Generator().manual_seed(0)
         self.spatial = torch.randint(0, tok.n_voxels, (batch, max_len + 1), generator=g)
         self.energy = torch.randint(0, tok.n_bins, (batch, max_len + 1), generator=g)
-        self.incident = torch.rand(batch, generator=g) * 2 - 1
-        cid = torch.zeros(batch, dtype=torch.long) if class_id is None else class_id
-        self.routing = model.routing(cid)
+        self.cond = fixed_length(model, torch.rand(batch, generator=g) * 2 - 1, max_len)
+        self.class_id = torch.zeros(batch, dtype=torch.long) if class_id is None else class_id
+        self.routing = model.routing(self.class_id)
+        self.decoder: StaticDecoder | None = None
+        self.decoder_cache: object = None
         self.u = torch.rand(batch, N_UNIFORMS, dtype=torch.float64, generator=g)
         self.sampling = SamplingConfig()
         self.max_len = max_len
@@ -148,21 +166,29 @@ class StepRunner:
         self.model.setup_cache(self.batch, self.max_len + 1)
         with torch.no_grad():
             self.model.hidden_states(
-                self.spatial[:, :1], self.energy[:, :1], self.incident, self.routing, start=0
+                self.spatial[:, :1], self.energy[:, :1], self.cond, self.routing, start=0
             )
 
     def kv(self, prefix: int) -> Callable[[], None]:
-        """The step that feeds token ``prefix`` against a cache holding tokens 0..prefix-1."""
+        """The static decode step (``calofm.generation.decoder``, eager) that feeds token
+        ``prefix`` against a cache holding the conditions and tokens 0..prefix-1."""
         cache = self.model.blocks[0].attn.kv_cache
-        if cache is None or cache.k.shape[0] != self.batch or cache.max_len != self.max_len + 2:
-            self.setup_cache()
-        s, e = self.spatial[:, prefix : prefix + 1], self.energy[:, prefix : prefix + 1]
-        inc = self.incident if prefix == 0 else None
+        if self.decoder is None or cache is not self.decoder_cache:
+            self.decoder = StaticDecoder(
+                self.model, self.class_id, self.sampling, self.max_len, EngineConfig(prepack=False)
+            )
+            self.decoder.__enter__()  # the model's cache; cleared by the next clear_cache
+            self.decoder_cache = self.model.blocks[0].attn.kv_cache
+            uniforms = self.u[:, None, :].expand(-1, self.max_len + 1, -1)
+            self.decoder.load(np.arange(self.batch), self.cond, uniforms)
+        dec = self.decoder
 
         def step() -> None:
+            dec.pos.fill_(prefix + 1)
+            dec.done.fill_(False)
             with torch.no_grad():
-                h = self.model.hidden_states(s, e, inc, self.routing, start=prefix)[-1]
-                self._sample(h, prefix)
+                dec._step(prefix + 2)
+            bool(dec.done.all())  # the host's look (every step here, every few in decode)
 
         return step
 
@@ -173,7 +199,7 @@ class StepRunner:
 
         def step() -> None:
             with torch.no_grad():
-                h = self.model.hidden_states(s, e, self.incident, self.routing)[-1][:, -1:]
+                h = self.model.hidden_states(s, e, self.cond, self.routing)[-1][:, -1:]
                 self._sample(h, prefix)
 
         return step
@@ -214,12 +240,13 @@ def run_benchmark(settings: BenchSettings, log: Callable[[str], None] = lambda _
         runner = StepRunner(model, b, max_len)
         for mode in ("kv", "recompute"):
             times = []
-            for prefix in s.probes:
-                step = getattr(runner, mode)(prefix)
-                # Recomputing long prefixes of large batches takes seconds per step: time it once.
-                heavy = mode == "recompute" and b * (prefix + 1) > 20_000
-                times.append(_median_time(step, 1 if heavy else s.repeats, warm_up=not heavy))
-                log(f"batch {b:4d} {mode:9s} prefix {prefix:5d}: {1e3 * times[-1]:9.2f} ms/step")
+            with prepacked(model, b):  # the heads as generation runs them, in both modes
+                for prefix in s.probes:
+                    step = getattr(runner, mode)(prefix)
+                    # Recomputing long prefixes of large batches takes seconds a step: time once.
+                    heavy = mode == "recompute" and b * (prefix + 1) > 20_000
+                    times.append(_median_time(step, 1 if heavy else s.repeats, warm_up=not heavy))
+                    log(f"batch {b:4d} {mode:9s} prefix {prefix:5d}: {1e3 * times[-1]:9.2f} ms")
             per_step[mode][b] = StepTimes(list(s.probes), times)
         memory[b] = {"kv_cache_bytes": model.setup_cache(b, max_len), "peak_rss_mib": _rss_mib()}
         split[b] = _sampling_share(runner, (max(s.probes) + 1) // 2, s.repeats)
@@ -264,7 +291,8 @@ def run_benchmark(settings: BenchSettings, log: Callable[[str], None] = lambda _
     log(f"full KV decode: batch {b}, {n} tokens")
     u = torch.from_numpy(np.random.default_rng(0).random((b, n + 1, N_UNIFORMS)))
     t0, wall0 = clock(), time.perf_counter()
-    out = decode(model, torch.zeros(b), torch.zeros(b, dtype=torch.long), SamplingConfig(), n, u)
+    cond = fixed_length(model, torch.zeros(b), n)
+    out = decode(model, cond, torch.zeros(b, dtype=torch.long), SamplingConfig(), n, u)
     measured, wall = clock() - t0, time.perf_counter() - wall0
     assert int(out.n_hits.min()) == n, "EOS was disabled; every shower must run the full length"
     fit = per_step["kv"][b].total(n + 1) if b in per_step["kv"] else None

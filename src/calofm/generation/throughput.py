@@ -40,7 +40,7 @@ import torch
 from calofm import __version__
 from calofm.detector import DetectorConfig
 from calofm.errors import CalofmError
-from calofm.generation.benchmark import clock
+from calofm.generation.benchmark import clock, fixed_length
 from calofm.generation.decoder import N_UNIFORMS, EngineConfig
 from calofm.generation.engine import decode, generate
 from calofm.generation.sampler import SamplingConfig
@@ -153,7 +153,8 @@ def measure_fixed(
             engine = engine_of(mode, dev) if cached else None
 
             def run(u=u, inc=inc, cid=cid, engine=engine, steps=steps, cached=cached) -> None:
-                decoded = decode(model, inc, cid, SamplingConfig(), steps - 1, u, cached, engine)
+                cond = fixed_length(model, inc, steps - 1)
+                decoded = decode(model, cond, cid, SamplingConfig(), steps - 1, u, cached, engine)
                 assert int(decoded.n_hits.min()) == steps - 1, "every row runs all its steps"
 
             if torch.device(dev).type == "cuda":
