@@ -42,7 +42,8 @@ def test_generate_writes_a_showerdata_file_with_its_provenance(model_dir, tmp_pa
 
 
 def test_same_command_same_showers_and_an_interrupted_run_resumes(model_dir, tmp_path, monkeypatch):
-    assert main(command(model_dir, tmp_path / "a.h5")) == 0
+    one = ("--batch-size", "1")  # chunks of 4 showers (CHUNK_BATCHES batches): two appends
+    assert main(command(model_dir, tmp_path / "a.h5", *one)) == 0
     calls = []
     append = ShowerWriter.append
 
@@ -53,10 +54,10 @@ def test_same_command_same_showers_and_an_interrupted_run_resumes(model_dir, tmp
         append(self, showers, **metadata)
 
     monkeypatch.setattr(ShowerWriter, "append", interrupted)
-    assert main(command(model_dir, tmp_path / "b.h5")) == 130
+    assert main(command(model_dir, tmp_path / "b.h5", *one)) == 130
     assert (tmp_path / "b.h5.partial").exists() and not (tmp_path / "b.h5").exists()
     monkeypatch.setattr(ShowerWriter, "append", append)
-    assert main(command(model_dir, tmp_path / "b.h5")) == 0
+    assert main(command(model_dir, tmp_path / "b.h5", *one)) == 0
     a, b = read_all(tmp_path / "a.h5"), read_all(tmp_path / "b.h5")
     np.testing.assert_array_equal(a.offsets, b.offsets)
     np.testing.assert_array_equal(a.voxels, b.voxels)
@@ -90,3 +91,12 @@ def test_bad_sampling_options_are_rejected_by_the_parser(model_dir, tmp_path, ex
     assert main(command(model_dir, tmp_path / "x.h5", *extra)) == 2
     assert f"argument {extra[0]}" in capsys.readouterr().err
     assert not (tmp_path / "x.h5").exists()
+
+
+def test_batch_size_auto_fits_free_memory_and_gives_the_same_showers(model_dir, tmp_path, capsys):
+    assert main(command(model_dir, tmp_path / "a.h5")) == 0
+    assert main(command(model_dir, tmp_path / "b.h5", "--batch-size", "auto")) == 0
+    assert "MiB per shower" in capsys.readouterr().out
+    a, b = read_all(tmp_path / "a.h5"), read_all(tmp_path / "b.h5")
+    np.testing.assert_array_equal(a.voxels, b.voxels)
+    assert main(command(model_dir, tmp_path / "c.h5", "--batch-size", "many")) == 2

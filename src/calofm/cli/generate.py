@@ -25,6 +25,10 @@ if TYPE_CHECKING:
 
 HELP = "generate showers with a trained model (KV-cache decoding)"
 
+# Batches of showers per generate call (and per chunk written): continuous batching refills a
+# finished shower's slot from the same call, so a call of several batches keeps the slots busy.
+CHUNK_BATCHES = 4
+
 
 def _temperature(text: str) -> float:
     try:
@@ -34,6 +38,10 @@ def _temperature(text: str) -> float:
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
     return value
+
+
+def _batch_size(text: str) -> int | str:
+    return "auto" if text == "auto" else positive_int(text)
 
 
 def _top_p(text: str) -> float:
@@ -78,7 +86,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="replace an existing output (and discard a partial one of other arguments)",
     )
     p.add_argument(
-        "--batch-size", type=positive_int, default=64, help="showers decoded together (default 64)"
+        "--batch-size",
+        type=_batch_size,
+        default=64,
+        help=(
+            "showers decoded together (default 64), or auto: as many as half the free memory "
+            "holds (GPU memory on CUDA)"
+        ),
     )
     temp = p.add_mutually_exclusive_group()
     temp.add_argument(
@@ -188,6 +202,7 @@ def _run(
     from calofm.data.showers import SparseShowers
     from calofm.errors import CalofmError
     from calofm.files import partial_path
+    from calofm.generation.decoder import auto_batch_size, bytes_per_shower
     from calofm.generation.engine import INCIDENT, generate, seeded_rng
     from calofm.model.config import class_name
     from calofm.pretrained import resolve_model
@@ -197,6 +212,13 @@ def _run(
     model.class_index(cls)
     tok = model.tokenizer
     max_hits = args.max_hits or tok.max_hits
+    if args.batch_size == "auto":
+        args.batch_size = auto_batch_size(model, max_hits, env.device)
+        if env.is_main:
+            print(
+                f"calofm generate: batch size {args.batch_size} "
+                f"({bytes_per_shower(model, max_hits) / 2**20:.1f} MiB per shower)"
+            )
     if env.is_main and (lo < tok.incident_min_gev or hi > tok.incident_max_gev):
         asked = f"{lo:g} GeV" if lo == hi else f"{lo:g} to {hi:g} GeV"
         print(
@@ -246,12 +268,13 @@ def _run(
     if env.is_main:
         totals = writer.metadata.get("generation_stats", totals)
     seconds, n_new = 0.0, args.n - start
-    per_round = args.batch_size * env.world_size
+    chunk = CHUNK_BATCHES * args.batch_size  # showers per generate call: slots get refilled
+    per_round = chunk * env.world_size
     bar = tqdm(total=args.n, initial=start, unit="shower", desc="generate", disable=not env.is_main)
     with bar:
         for first in range(start, args.n, per_round):
-            mine = first + env.rank * args.batch_size
-            last = min(mine + args.batch_size, args.n)
+            mine = first + env.rank * chunk
+            last = min(mine + chunk, args.n)
             result = None
             if mine < last:
                 showers, stats = generate(

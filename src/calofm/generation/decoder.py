@@ -25,6 +25,7 @@ compiled kernels serve every length.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -265,6 +266,39 @@ class StaticDecoder:
 
     def kv_cache_bytes_per_shower(self) -> int:
         return self.model.cache_bytes() // self.n_slots
+
+
+def bytes_per_shower(model: CaloFM, max_hits: int) -> int:
+    """Memory one decoding slot needs: its KV cache, both heads' logits with the sampler's
+    working copies (about four of each), the voxels it used, its uniforms and tokens."""
+    c, tok = model.config, model.tokenizer
+    dtype_bytes = model.energy_head.weight.element_size()
+    kv = 2 * c.n_blocks * c.d_model * (max_hits + 2) * dtype_bytes  # as setup_cache allocates
+    logits = 4 * 4 * (tok.spatial_vocab + tok.energy_vocab)
+    return kv + logits + tok.n_voxels + (max_hits + 1) * N_UNIFORMS * 8 + 4 * (max_hits + 2) * 8
+
+
+def free_memory(device: torch.device | str) -> int:
+    """Bytes free for decoding: the GPU's free memory, or the system's available memory."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+# Largest automatic batch: beyond these a CPU (memory-bound heads) or a GPU gains little.
+AUTO_BATCH_MAX = {"cpu": 256, "cuda": 8192}
+
+
+def auto_batch_size(model: CaloFM, max_hits: int, device: torch.device | str) -> int:
+    """Slots that fit half of the free memory (at most ``AUTO_BATCH_MAX`` for the device)."""
+    kind = torch.device(device).type
+    fits = free_memory(device) // 2 // bytes_per_shower(model, max_hits)
+    return int(max(1, min(fits, AUTO_BATCH_MAX.get(kind, AUTO_BATCH_MAX["cpu"]))))
 
 
 class GraphReplay:
