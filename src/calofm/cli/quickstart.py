@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib.util
 import json
 import shlex
 import sys
@@ -115,7 +114,7 @@ class Step:
     deps: tuple[str, ...] = ()
     argv: list[str] | None = None
     action: Callable[[], None] | None = None
-    settings: tuple = ()  # what decides a library step's output
+    settings: tuple = ()  # what decides the output besides argv (a model's weights)
     note: str = ""  # what a library step does, printed in place of a command
 
 
@@ -126,6 +125,7 @@ class Plan:
     out: Path
     scale_name: str
     model: str
+    model_sha256: str
     base_classes: list[str]
     new_class: str
     init_from: str | None
@@ -195,7 +195,8 @@ def _make_plan(args: argparse.Namespace) -> Plan:
     geant4.check_material(material)
     manifest = resolve_model(args.model) / "manifest.json"
     try:
-        classes = list(json.loads(manifest.read_text())["classes"])
+        header = json.loads(manifest.read_text())
+        classes, sha256 = list(header["classes"]), str(header["weights_sha256"])
     except (OSError, ValueError, KeyError, TypeError):
         raise CalofmError(
             f"--model {args.model}: not a model directory or shipped model (see calofm models)"
@@ -214,6 +215,7 @@ def _make_plan(args: argparse.Namespace) -> Plan:
         out=check_output_dir(args.out),
         scale_name=args.scale,
         model=args.model,
+        model_sha256=sha256,
         base_classes=base,
         new_class=new_class,
         init_from=init,
@@ -227,10 +229,9 @@ def _fingerprints(steps: list[Step], ignore: tuple[str, ...]) -> dict[str, str]:
     changes every step downstream of it. Options that do not change the outputs are left out."""
     prints: dict[str, str] = {}
     for step in steps:
-        if step.argv is not None:
-            what = [a for i, a in enumerate(step.argv) if not _ignored(step.argv, i, ignore)]
-        else:
-            what = [step.key, *map(str, step.settings)]
+        what = [step.key] if step.argv is None else step.argv
+        what = [a for i, a in enumerate(what) if not _ignored(what, i, ignore)]
+        what += map(str, step.settings)
         text = json.dumps([what, [prints[d] for d in step.deps]])
         prints[step.key] = hashlib.sha256(text.encode()).hexdigest()[:16]
     return prints
@@ -288,6 +289,7 @@ def _steps(plan: Plan) -> list[Step]:
 
     s = plan.scale
     probe_settings = (plan.model, plan.base_classes, s.n_probe, s.energy_gev, plan.seed, s.max_hits)
+    weights = (plan.model_sha256,)  # a shipped model replaced under its name is another model
     probe_dir = plan.out / "probe"
     train_key = f"geant4_{plan.stem(plan.new_class)}_train"
     steps = _simulate_steps(plan)
@@ -300,7 +302,7 @@ def _steps(plan: Plan) -> list[Step]:
             action=lambda: qg.save_arrays(
                 probe_dir / "before.npz", qg.probe(plan.model, [], *probe_settings[1:])
             ),
-            settings=probe_settings,
+            settings=probe_settings + weights,
             note=f"generate({', '.join(plan.base_classes)} x {s.n_probe}, seed {plan.seed})",
         )
     )
@@ -318,6 +320,7 @@ def _steps(plan: Plan) -> list[Step]:
             plan.expert,
             (train_key,),
             argv=extend,
+            settings=weights,
         )
     )
     steps.append(
@@ -328,7 +331,7 @@ def _steps(plan: Plan) -> list[Step]:
             probe_dir / "after.npz",
             ("probe_before", "expert"),
             action=lambda: qr.compare_probes(plan, probe_settings[1:]),
-            settings=probe_settings,
+            settings=probe_settings + weights,
             note="generate(the same rows, seed and energies, with the expert attached)",
         )
     )
@@ -341,7 +344,7 @@ def _steps(plan: Plan) -> list[Step]:
             ("expert",),
             action=lambda: qr.generate_all(plan),
             settings=(plan.model, plan.classes, s.n_test, s.energy_gev, plan.seed, s.max_hits)
-            + (s.batch_size,),
+            + (s.batch_size, *weights),
             note=f"generate({', '.join(plan.classes)} x {s.n_test} each, interleaved; "
             f"{plan.workers} processes)",
         )
@@ -373,26 +376,25 @@ def _steps(plan: Plan) -> list[Step]:
                 ],
             )
         )
-    if importlib.util.find_spec("calofm.cli.show") is not None:
-        # Event displays (calofm show): a Geant4 and a generated shower of about the same
-        # incident energy side by side (generated alone where no Geant4 sample was simulated).
-        middle = f"{sum(s.energy_gev) / 2:g}"
-        for cls in plan.classes:
-            tested = cls in plan.tested
-            first = plan.geant4(cls, "test") if tested else plan.generated(cls)
-            argv = ["show", str(first), "--energy", middle]
-            argv += ["--compare", str(plan.generated(cls))] if tested else []
-            deps = ("generate", f"geant4_{plan.stem(cls)}_test") if tested else ("generate",)
-            steps.append(
-                Step(
-                    f"display_{plan.stem(cls)}",
-                    f"event display of {cls}",
-                    plan.display(cls),
-                    plan.display(cls),
-                    deps,
-                    argv=[*argv, "--out", str(plan.display(cls))],
-                )
+    # Event displays: a Geant4 and a generated shower of about the same incident energy side by
+    # side (the generated one alone where no Geant4 sample was simulated).
+    middle = f"{sum(s.energy_gev) / 2:g}"
+    for cls in plan.classes:
+        tested = cls in plan.tested
+        first = plan.geant4(cls, "test") if tested else plan.generated(cls)
+        argv = ["show", str(first), "--energy", middle]
+        argv += ["--compare", str(plan.generated(cls))] if tested else []
+        deps = ("generate", f"geant4_{plan.stem(cls)}_test") if tested else ("generate",)
+        steps.append(
+            Step(
+                f"display_{plan.stem(cls)}",
+                f"event display of {cls}",
+                plan.display(cls),
+                plan.display(cls),
+                deps,
+                argv=[*argv, "--out", str(plan.display(cls))],
             )
+        )
     steps.append(
         Step(
             "report",
