@@ -344,6 +344,7 @@ def write_report(plan: Plan, records: dict, titles: dict[str, str]) -> None:
         for k, r in timed
     )
     total = sum(r.get("seconds") or 0 for _, r in timed)
+    cpu = sum(r.get("cpu_seconds") or 0 for _, r in timed)
     untested = [c for c in plan.classes if c not in plan.tested]
     note = (
         f"<p>{', '.join(untested)}: generated only (no held-out Geant4 sample at this scale).</p>"
@@ -369,7 +370,9 @@ photons, simulated here with seeds other than the training samples').</p>
 <li>{_speed(t)}</li>
 <li>the expert: {_num(trainable, ",")} trainable parameters{share}</li>
 <li>the base classes' showers before and after the expert: {identity or "&ndash;"}</li>
-<li>wall time: {total / 60:.1f} minutes (scale "{html.escape(s["scale_name"])}")</li></ul></div>
+<li>wall time: {total / 60:.1f} minutes, {cpu / 60:.1f} minutes of CPU time (scale
+"{html.escape(s["scale_name"])}", {s["cores"]} cores, load average {s["load_average"][0]:.1f})</li>
+</ul></div>
 <h2>Against Geant4</h2>
 <p>W1x100: the Wasserstein-1 distance between the generated and the held-out Geant4
 distribution of an observable, standardised by the Geant4 sample's spread, times 100; lower is
