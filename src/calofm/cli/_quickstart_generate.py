@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from calofm.data.showers import SparseShowers
+from calofm.detector import DetectorConfig
 from calofm.errors import CalofmError
 from calofm.files import atomic_output
 
@@ -159,7 +160,7 @@ def generate_mixed(
     batch_size: int,
     workers: int,
     partial_dir: Path,
-    progress=None,
+    progress: Callable[[int], object] | None = None,
 ) -> tuple[dict[str, list[dict[str, np.ndarray]]], dict]:
     """Decode every batch not yet in ``partial_dir`` (``workers`` processes), then return each
     class's batches in row order and the statistics (summed over all batches, resumed or not)."""
@@ -206,7 +207,9 @@ def generate_mixed(
     return per_class, stats
 
 
-def to_showers(parts: list[dict[str, np.ndarray]], detector, particle: str) -> SparseShowers:
+def to_showers(
+    parts: list[dict[str, np.ndarray]], detector: DetectorConfig, particle: str
+) -> SparseShowers:
     """One class's batches as one set of showers."""
     from calofm.data.showers import concatenate
 
