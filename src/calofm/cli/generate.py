@@ -212,8 +212,9 @@ def _run(
     model.class_index(cls)
     tok = model.tokenizer
     max_hits = args.max_hits or tok.max_hits
-    if args.batch_size == "auto":
-        args.batch_size = auto_batch_size(model, max_hits, env.device)
+    if args.batch_size == "auto":  # every process the smallest, so the row split agrees
+        fits = _gather(env, auto_batch_size(model, max_hits, env.device))
+        args.batch_size = _share(env, min(fits) if env.is_main else None)
         if env.is_main:
             print(
                 f"calofm generate: batch size {args.batch_size} "
