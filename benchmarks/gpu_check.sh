@@ -29,11 +29,8 @@ rate = json.loads(p.read_text()).get("geant4_showers_per_s_per_core") if p.exist
 print(rate or "")
 EOF
 )
-geant4=(--geant4-showers 2)
-if ! python3 -c "import geant4_pybind" 2>/dev/null; then
-    geant4=(--geant4-showers 0)
-    [ -n "$rate" ] && geant4+=(--geant4-rate "$rate")
-fi
+geant4=(--geant4-showers 2)  # measured where geant4-pybind is installed, else the rate read above
+[ -n "$rate" ] && geant4+=(--geant4-rate "$rate")
 
 if python3 -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
     args=(--device cuda --batch 1024 --batch 4096 --mode eager --mode graphs --model small-w-ta

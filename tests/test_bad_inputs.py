@@ -251,6 +251,9 @@ CASES = [
     # bench
     Case("bench-out-exists", "bench model --quick --out {t}/bench.json", 2, "add --overwrite", (), _existing("bench.json")),
     Case("bench-zero-threads", "bench model --quick --threads 0", 2, "argument --threads", ()),
+    Case("bench-generate-no-model", "bench generate --preset tiny", 2, "--random-weights", ()),
+    Case("bench-generate-graphs-on-cpu", "bench generate --random-weights --mode graphs", 2, "CUDA", ()),
+    Case("bench-generate-bad-mode", "bench generate --random-weights --mode warp", 2, "unknown mode", ()),
     # study finetune
     Case("study-missing-test-file", STUDY + " --test {d}/nothing.h5 --sizes 2 --max-steps 1 --out {t}/study", 2, "no such file", ("study",)),
     Case("study-test-file-is-not-hdf5", STUDY + " --test {d}/notes.h5 --sizes 2 --max-steps 1 --out {t}/study", 2, "not a readable HDF5", ("study",)),
