@@ -140,15 +140,28 @@ def test_compiled_step_draws_the_tokens_of_the_eager_step(monkeypatch):
 
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
 def test_cuda_graph_replay_draws_the_tokens_of_the_eager_step():
-    model = tiny_model().cuda()
+    """Showers of 70 hits (a flat head, EOS out of reach), so the replay moves from the first
+    window's graph to the second's; conditions and uniforms are moved to the GPU on loading."""
+    model = tiny_model(paper_design=True).cuda()
+    model.spatial_head.never_end()
     cond, cid, u = sampled(model, 5, 70)
-    cond, cid, u = Conditions(cond.incident.cuda()), cid.cuda(), u.cuda()
     eager = decode(model, cond, cid, SamplingConfig(), 70, u, engine=EngineConfig(window_step=64))
-    graphs = decode(
-        model, cond, cid, SamplingConfig(), 70, u, engine=EngineConfig.for_device("graphs", "cuda")
-    )
-    assert_same(eager, graphs)
-    assert int(eager.n_hits.max()) > 64  # the replay crossed from one window's graph to the next
+    graphs = EngineConfig.for_device("graphs", "cuda")
+    assert_same(eager, decode(model, cond, cid, SamplingConfig(), 70, u, engine=graphs))
+    assert int(eager.n_hits.min()) == 70
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
+def test_continuous_batching_with_graph_replay_gives_the_eager_showers():
+    model = tiny_model(paper_design=True).cuda()
+    energies = np.linspace(10, 100, 9)
+    key = "G4_W:gamma"
+    graphs = EngineConfig.for_device("graphs", "cuda")
+    eager = EngineConfig(window_step=64)  # the windows the graphs use
+    want = generate(model, key, energies, seed=2, batch_size=4, max_hits=30, engine=eager)[0][key]
+    got = generate(model, key, energies, seed=2, batch_size=4, max_hits=30, engine=graphs)[0][key]
+    np.testing.assert_array_equal(got.voxels, want.voxels)
+    np.testing.assert_allclose(got.energies, want.energies, rtol=1e-6)
 
 
 def test_graphs_need_cuda_and_unknown_engines_are_refused():
