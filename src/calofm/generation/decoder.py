@@ -228,7 +228,7 @@ class StaticDecoder:
         if engine == "eager":
             return self._step
         if engine == "compile":
-            return torch.compile(self._step, dynamic=False)
+            return torch.compile(self._step)  # the window turns symbolic at its first change
         return GraphReplay(self._step)
 
     def run(self, n_steps: int) -> None:
