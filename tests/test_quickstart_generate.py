@@ -10,10 +10,13 @@ from calofm.model import save_model
 
 
 def _run(model_dir, out, workers=1):
-    return qg.generate_mixed(str(model_dir), [], CLASSES, 4, (20.0, 80.0), 3, 12, 5, workers, out)
+    """12 rows of 3 classes in tasks of 5 rows, each class in 2 slots."""
+    return qg.generate_mixed(
+        str(model_dir), [], CLASSES, 4, (20.0, 80.0), 3, 12, 5, 2, workers, out
+    )
 
 
-def test_rows_interleave_the_classes_so_each_batch_mixes_them():
+def test_rows_interleave_the_classes_so_each_task_holds_them_all():
     rows = qg.row_classes(["a", "b", "c"], 3)
     assert rows == ["a", "b", "c"] * 3
     assert all(len(set(rows[i : i + 3])) == 3 for i in range(0, 9, 3))

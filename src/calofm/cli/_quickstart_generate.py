@@ -1,10 +1,11 @@
-"""The quickstart's generation steps: every class in one mixed batch, and the base-class probe.
+"""The quickstart's generation steps: every class in one mixed call, and the base-class probe.
 
-Rows of all classes are interleaved (row r is class r mod K), so every decoding batch mixes the
-classes, each row routed to its own expert. Row r draws from its own seeded stream, so the
-showers do not depend on which worker process decodes which batch. Each batch is saved under
-``PARTIAL_DIR/batch_NNNN.npz`` (atomically) as it finishes: an interrupted run resumes at the
-first missing batch.
+Rows of all classes are interleaved (row r is class r mod K) and go to ``generate`` in tasks of
+``task_rows`` rows, so every call holds every class, each row routed to its own expert (the
+engine decodes each class in its own ``slots``, refilled as showers end). Row r draws from its own
+seeded stream, so the showers do not depend on which worker process decodes which task. Each
+task's showers are saved under ``PARTIAL_DIR/batch_NNNN.npz`` (atomically) as it finishes: an
+interrupted run resumes at the first missing task.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def _decode_batch(task: tuple) -> tuple[int, dict[str, dict[str, np.ndarray]], f
     from calofm.adapters import load_model_with_adapters
     from calofm.generation.engine import generate
 
-    index, model_dir, adapters, classes, incident, seed, first_row, max_hits = task
+    index, model_dir, adapters, classes, incident, seed, first_row, max_hits, slots = task
     start, cpu = time.perf_counter(), time.process_time()
     key = (model_dir, tuple(adapters))
     if key not in _models:
@@ -70,7 +71,7 @@ def _decode_batch(task: tuple) -> tuple[int, dict[str, dict[str, np.ndarray]], f
         classes,
         incident,
         seed=seed,
-        batch_size=len(classes),
+        batch_size=slots,
         max_hits=max_hits,
         first_row=first_row,
     )
@@ -157,16 +158,18 @@ def generate_mixed(
     energy_gev: tuple[float, float],
     seed: int,
     max_hits: int | None,
-    batch_size: int,
+    task_rows: int,
+    slots: int,
     workers: int,
     partial_dir: Path,
     progress: Callable[[int], object] | None = None,
 ) -> tuple[dict[str, list[dict[str, np.ndarray]]], dict]:
-    """Decode every batch not yet in ``partial_dir`` (``workers`` processes), then return each
-    class's batches in row order and the statistics (summed over all batches, resumed or not)."""
+    """Decode every task not yet in ``partial_dir`` (``workers`` processes), then return each
+    class's showers task by task in row order and the statistics (summed over all tasks,
+    resumed or not)."""
     per_row = row_classes(classes, n_per_class)
     incident = incident_energies(seed, len(per_row), energy_gev)
-    starts = list(range(0, len(per_row), batch_size))
+    starts = list(range(0, len(per_row), task_rows))
     partial_dir.mkdir(parents=True, exist_ok=True)
     paths = [partial_dir / f"batch_{k:04d}.npz" for k in range(len(starts))]
     todo = [k for k, p in enumerate(paths) if not p.exists()]
@@ -177,11 +180,12 @@ def generate_mixed(
             k,
             model_dir,
             adapters,
-            per_row[starts[k] : starts[k] + batch_size],
-            incident[starts[k] : starts[k] + batch_size],
+            per_row[starts[k] : starts[k] + task_rows],
+            incident[starts[k] : starts[k] + task_rows],
             seed,
             starts[k],
             max_hits,
+            slots,
         )
         for k in todo
     ]

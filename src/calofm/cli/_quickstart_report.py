@@ -50,7 +50,7 @@ def compare_probes(plan: Plan, settings: tuple) -> None:
 
 
 def generate_all(plan: Plan) -> None:
-    """Every class in one mixed batch, into one showerdata file per class."""
+    """Every class in one mixed call, into one showerdata file per class."""
     from tqdm import tqdm
 
     from calofm.adapters import describe, load_model_with_adapters
@@ -66,7 +66,7 @@ def generate_all(plan: Plan) -> None:
     max_hits = s.max_hits or model.tokenizer.max_hits
     n_total = s.n_test * len(plan.classes)
     batches = plan.out / "calofm" / "batches"
-    with tqdm(total=math.ceil(n_total / s.batch_size), unit="batch", desc="generate") as bar:
+    with tqdm(total=math.ceil(n_total / s.task_rows), unit="task", desc="generate") as bar:
         per_class, stats = qg.generate_mixed(
             model_dir,
             [str(plan.expert)],
@@ -75,7 +75,8 @@ def generate_all(plan: Plan) -> None:
             s.energy_gev,
             plan.seed,
             max_hits,
-            s.batch_size,
+            s.task_rows,
+            s.slots,
             plan.workers,
             batches,
             progress=bar.update,
@@ -105,7 +106,8 @@ def generate_all(plan: Plan) -> None:
     result = {
         "classes": plan.classes,
         "showers_per_class": s.n_test,
-        "batch_size": s.batch_size,
+        "task_rows": s.task_rows,
+        "slots": s.slots,
         "max_hits": max_hits,
         "files": {c: str(plan.generated(c)) for c in plan.classes},
         "seconds_per_shower_one_core": stats["worker_cpu_seconds"] / n_total,
@@ -363,7 +365,8 @@ p img{{width:380px}}figure{{margin:8px 0}}figure img{{width:100%}}
 {html.escape(plan.new_class)}, a class it had never seen, trained on {e["n_train_showers"]} Geant4
 showers for {e["steps"]} steps ({_num(e["training_seconds"], ".0f")} s) with every base weight
 frozen{f", starting from a copy of the {html.escape(plan.init_from)} expert" if plan.init_from else ""}.
-Then every class was generated in one mixed batch and compared with held-out Geant4 showers
+Then every class was generated together (rows of all classes interleaved in each call, each
+row routed to its own expert) and compared with held-out Geant4 showers
 ({plan.scale.n_test} per class, {plan.scale.energy_gev[0]:g}-{plan.scale.energy_gev[1]:g} GeV
 photons, simulated here with seeds other than the training samples').</p>
 <div class="key"><ul>{verdicts}

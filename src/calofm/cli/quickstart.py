@@ -2,7 +2,7 @@
 
 Simulate showers of a class the base model has never seen (Pb photons) with the embedded Geant4,
 add an expert for it to the shipped base (``calofm extend``: the base weights stay frozen),
-generate every class in one mixed batch, evaluate each class against held-out Geant4, and write
+generate every class in one mixed call, evaluate each class against held-out Geant4, and write
 one report: metrics next to the Geant4 floor, plots, event displays, the time per shower of
 generation and of Geant4 on this machine, the stage's trainable parameters, and the base classes'
 showers before and after the expert compared byte for byte.
@@ -45,7 +45,8 @@ class Scale:
     n_probe: int  # showers per base class generated before and after the expert
     energy_gev: tuple[float, float]
     max_hits: int | None = None  # longest generated shower (None: the model's)
-    batch_size: int = 30  # rows per generation batch (mixed classes)
+    task_rows: int = 150  # rows (all classes interleaved) per generate call, one worker's task
+    slots: int = 25  # showers of a class decoded at once (refilled as showers end)
 
 
 # "default" is sized for under 10 minutes on 2 idle cores from CPU times measured there: Geant4
@@ -54,7 +55,7 @@ class Scale:
 # training and 300 generated showers (2 min) leave room for a loaded machine.
 SCALES = {
     "test": Scale(
-        12, 10, False, ("--max-steps", "2", "--batch-size", "4"), 1, (10.0, 15.0), 25, 15
+        12, 10, False, ("--max-steps", "2", "--batch-size", "4"), 1, (10.0, 15.0), 25, 15, 5
     ),
     "default": Scale(300, 100, True, ("--time-limit", "2", "--batch-size", "8"), 4, (10.0, 100.0)),
     "large": Scale(
@@ -70,7 +71,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="The foundation-model workflow on embedded defaults: simulate Pb photon "
         "showers (a class the shipped base model has never seen) with the embedded Geant4, add "
         "an expert for them to the base model and train only it, generate every class in one "
-        "mixed batch, evaluate each class against held-out Geant4 and write OUT/report/"
+        "mixed call, evaluate each class against held-out Geant4 and write OUT/report/"
         "report.html. Run again with the same settings, it skips finished steps and resumes an "
         "interrupted one.",
     )
@@ -338,13 +339,13 @@ def _steps(plan: Plan) -> list[Step]:
     steps.append(
         Step(
             "generate",
-            "generate every class in one mixed batch (rows interleaved, one expert per row)",
+            "generate every class together (rows interleaved, each routed to its expert)",
             plan.out / "calofm" / "generation.json",
             plan.out / "calofm" / "batches",
             ("expert",),
             action=lambda: qr.generate_all(plan),
             settings=(plan.model, plan.classes, s.n_test, s.energy_gev, plan.seed, s.max_hits)
-            + (s.batch_size, *weights),
+            + (s.task_rows, s.slots, *weights),
             note=f"generate({', '.join(plan.classes)} x {s.n_test} each, interleaved; "
             f"{plan.workers} processes)",
         )
@@ -367,7 +368,7 @@ def _steps(plan: Plan) -> list[Step]:
                     "--describe",
                     f"reference=Geant4, held-out (not seen in training) {cls} showers",
                     "--describe",
-                    f"calofm={plan.model} + {plan.new_class} expert, one mixed batch of "
+                    f"calofm={plan.model} + {plan.new_class} expert, generated together with "
                     f"{', '.join(plan.classes)}",
                     "--seed",
                     str(plan.seed + k),
