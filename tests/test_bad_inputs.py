@@ -260,6 +260,13 @@ CASES = [
     Case("study-more-showers-than-the-data", STUDY + " --test {d}/pb.h5 --sizes 500 --max-steps 1 --out {t}/study", 2, "500", ("study",)),
     Case("study-forgetting-class-the-model-lacks", STUDY + " --test {d}/pb.h5 --sizes 2 --max-steps 1 --forgetting G4_Ta:gamma={d}/w.h5 --out {t}/study", 2, "--forgetting", ("study",)),
     Case("study-folder-of-other-settings", STUDY + " --test {d}/pb.h5 --sizes 2 --max-steps 1 --out {t}/study", 2, "other settings", ("study/runs/expert_n2_r0", "study/study.json"), _study_dir),
+    # merge
+    Case("merge-one-file", "merge {d}/w.h5 --out {t}/m.h5", 2, "at least two", ("m.h5",)),
+    Case("merge-same-file-twice", "merge {d}/w.h5 {d}/w.h5 --out {t}/m.h5", 2, "given twice", ("m.h5",)),
+    Case("merge-other-material", "merge {d}/w.h5 {d}/pb.h5 --out {t}/m.h5", 2, "hold different showers", ("m.h5",)),
+    Case("merge-getting-high-input", "merge {d}/w.h5 {d}/w_gh.h5 --out {t}/m.h5", 2, "--to showerdata", ("m.h5",)),
+    Case("merge-output-exists", "merge {d}/w.h5 {d}/one.h5 --out {t}/m.h5", 2, "add --overwrite", (), _existing("m.h5")),
+    Case("merge-missing-input", "merge {d}/w.h5 {d}/nothing.h5 --out {t}/m.h5", 2, "no such file", ("m.h5",)),
     # quickstart
     Case("quickstart-unknown-material", QS + " --material G4_Unobtainium --out {t}/qs", 2, "unknown material", ("qs",)),
     Case("quickstart-material-the-base-has", QS + " --material W --out {t}/qs", 2, "already has G4_W:gamma", ("qs",)),

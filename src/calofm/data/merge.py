@@ -102,7 +102,7 @@ def check_compatible(parts: list[Part]) -> None:
     for i, a in enumerate(parts):
         for b in parts[:i]:
             overlap = range(max(a.first, b.first), min(a.rows.stop, b.rows.stop))
-            if a.seed == b.seed and len(overlap):
+            if a.seed is not None and a.seed == b.seed and len(overlap):
                 raise CalofmError(
                     f"{a.info.path} and {b.info.path} both hold showers {overlap.start}.."
                     f"{overlap.stop - 1} of seed {a.seed} (the same showers twice); give the "
