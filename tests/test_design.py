@@ -34,8 +34,10 @@ def head(kind: str, seed: int = 0) -> FlatVoxelHead | FactorisedVoxelHead:
 
 
 def small_model(seed: int = 0, **options) -> CaloFM:
+    """The tiny preset with ``options``; without shower totals unless asked, so that each test
+    sees the one option it checks (tests/test_totals.py checks the totals)."""
     torch.manual_seed(seed)
-    config = dataclasses.replace(preset("tiny"), **options)
+    config = dataclasses.replace(preset("tiny"), **{"totals": False, **options})
     return CaloFM(config, SMALL_TOK, SMALL_DET, ["G4_W:gamma", "G4_Ta:gamma"]).eval()
 
 

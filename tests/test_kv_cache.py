@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_model import random_tokens, tiny_model
+from test_model import random_tokens, tiny_model, with_totals
 
 from calofm.errors import CalofmError
 from calofm.generation.engine import N_UNIFORMS, decode
@@ -74,7 +74,7 @@ def test_rows_that_stopped_at_different_steps_do_not_disturb_the_others():
 
 def test_greedy_decoding_is_the_same_with_and_without_cache():
     model = tiny_model()
-    inc = torch.tensor([-0.9, 0.0, 0.8, 0.3])
+    inc = with_totals(model, torch.tensor([-0.9, 0.0, 0.8, 0.3]))
     cid = torch.tensor([0, 1, 2, 0])
     greedy = SamplingConfig(temperature=0)
     a = decode(model, inc, cid, greedy, 30, None, use_cache=True)
@@ -86,7 +86,7 @@ def test_greedy_decoding_is_the_same_with_and_without_cache():
 
 def test_sampled_decoding_is_the_same_with_and_without_cache():
     model = tiny_model()
-    inc = torch.tensor([-0.5, 0.5, 0.9])
+    inc = with_totals(model, torch.tensor([-0.5, 0.5, 0.9]))
     cid = torch.tensor([2, 1, 0])
     u = torch.from_numpy(np.random.default_rng(3).random((3, 31, N_UNIFORMS)))
     a = decode(model, inc, cid, SamplingConfig(), 30, u, use_cache=True)

@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 from calofm.detector import DetectorConfig
 from calofm.errors import CalofmError
 from calofm.model import CaloFM, ModelConfig, load_model, preset, save_model, weights_hash
+from calofm.model.conditions import Conditions
 from calofm.model.config import DESIGN, class_name, parse_class
 from calofm.tokens import TokenizerConfig
 
@@ -47,7 +48,17 @@ def random_tokens(model: CaloFM, b: int, t: int, seed: int = 1):
     e = torch.randint(0, tok.n_bins, (b, t), generator=g)
     s[:, 0], e[:, 0] = tok.spatial_sos, tok.energy_sos
     incident = torch.rand(b, generator=g) * 2 - 1
-    return s, e, incident
+    return s, e, with_totals(model, incident, seed)
+
+
+def with_totals(model: CaloFM, incident: torch.Tensor, seed: int = 0) -> Conditions | torch.Tensor:
+    """The conditions a model needs: for a model with shower totals, random hit counts (up to
+    its max_hits) and visible energies added to the incident energies."""
+    if not model.config.totals:
+        return incident
+    g = torch.Generator().manual_seed(seed)
+    n_hits = torch.randint(1, model.tokenizer.max_hits + 1, (len(incident),), generator=g)
+    return Conditions(incident, n_hits, torch.rand(len(incident), generator=g) * 2000 + 1)
 
 
 def test_forward_gives_logits_for_every_input_position():
@@ -153,7 +164,8 @@ def test_add_class_copies_expert_and_returns_only_new_parameters():
     assert model.classes[-1] == "G4_Ta:gamma"
     assert sum(p.numel() for p in params) == model.n_parameters() - n_before
     per_block = sum(p.numel() for p in model.blocks[0].experts.ffn[0].parameters())
-    assert sum(p.numel() for p in params) == per_block * model.config.n_blocks
+    totals = sum(p.numel() for p in model.totals.nets[0].parameters()) if model.totals else 0
+    assert sum(p.numel() for p in params) == per_block * model.config.n_blocks + totals
     s, e, inc = random_tokens(model, 1, 6)
     w = model(s, e, inc, torch.tensor([0]))[0]
     ta = model(s, e, inc, torch.tensor([3]))[0]

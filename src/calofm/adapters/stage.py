@@ -20,6 +20,7 @@ from calofm.adapters.config import AdapterConfig
 from calofm.adapters.files import save_adapter
 from calofm.data.batches import TokenDataset
 from calofm.errors import CalofmError
+from calofm.model.conditions import Conditions
 from calofm.model.transformer import CaloFM
 from calofm.tokens import Tokenizer
 from calofm.training.config import TrainConfig
@@ -60,20 +61,27 @@ def stage_datasets(
 
 @torch.no_grad()
 def class_probe(model: CaloFM, classes: list[str]) -> list[torch.Tensor]:
-    """Logits of each class on one fixed random batch (one class per forward pass)."""
+    """Logits of each class on one fixed random batch (one class per forward pass), and its
+    totals model's mixture where the model has one."""
     tok = model.tokenizer
     g = torch.Generator().manual_seed(0)
     spatial = torch.randint(0, tok.n_voxels, (2, PROBE_TOKENS), generator=g)
     energy = torch.randint(0, tok.energy_sos, (2, PROBE_TOKENS), generator=g)
     spatial[:, 0], energy[:, 0] = tok.spatial_sos, tok.energy_sos
-    incident = torch.rand(2, generator=g) * 2 - 1
     dev = model.energy_head.weight.device
+    cond = Conditions((torch.rand(2, generator=g) * 2 - 1).to(dev))
+    if model.totals is not None:
+        hits, visible = torch.tensor([10, 100], device=dev), torch.tensor([50.0, 800.0], device=dev)
+        cond = cond.with_totals(hits, visible)
     was_training = model.training
     model.eval()
     out = []
     for name in classes:
         class_id = torch.full((2,), model.class_index(name), device=dev)
-        out.extend(model(spatial.to(dev), energy.to(dev), incident.to(dev), class_id))
+        out.extend(model(spatial.to(dev), energy.to(dev), cond, class_id))
+        if model.totals is not None:  # and the class's totals model
+            features = cond.features(model.energy_head.weight.dtype)
+            out.extend(model.totals.mixture(features, model.routing(class_id)))
     model.train(was_training)
     return out
 

@@ -55,3 +55,11 @@ class Conditions:
             raise ValueError("conditions: these conditions carry no shower totals")
         hits = torch.log1p(self.n_hits.to(dtype)) / LOG_HITS_SCALE
         return torch.stack([hits, torch.log1p(self.visible.to(dtype)) / LOG_MEV_SCALE], -1)
+
+    def __getitem__(self, rows: int | slice | torch.Tensor) -> Conditions:
+        """The conditions of some rows (an index, slice or index tensor), totals included."""
+        if isinstance(rows, int):
+            rows = slice(rows, rows + 1)
+        n_hits = None if self.n_hits is None else self.n_hits[rows]
+        visible = None if self.visible is None else self.visible[rows]
+        return Conditions(self.incident[rows], n_hits, visible)

@@ -115,6 +115,10 @@ def to_point(n_hits: torch.Tensor, visible_mev: torch.Tensor, u: torch.Tensor) -
 
 
 def from_point(z: torch.Tensor, max_hits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Hits (B,) long in [1, max_hits] and visible MeV (B,) of points ``z`` (B, 2)."""
-    n = torch.floor(torch.exp(z[:, 0].clamp(max=math.log(max_hits + 1)))).long()
-    return n.clamp(1, max_hits), torch.exp(z[:, 1].clamp(max=20.0))
+    """Hits (B,) long in [1, max_hits + 1] and visible MeV (B,) of points ``z`` (B, 2).
+
+    A count above ``max_hits`` comes back as ``max_hits + 1``: such a shower is cut at
+    ``max_hits`` hits and reported as truncated, like a shower that never ends.
+    """
+    n = torch.floor(torch.exp(z[:, 0].clamp(max=math.log(max_hits + 2)))).long()
+    return n.clamp(1, max_hits + 1), torch.exp(z[:, 1].clamp(max=20.0))

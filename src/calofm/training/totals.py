@@ -64,8 +64,9 @@ def fit_totals(
             continue
         net = model.totals.nets[c]
         n_steps = steps if steps is not None else min(4000, max(200, len(rows)))
+        batch = min(batch_size, 4 * len(rows))  # a few dozen showers need no batch of 256
         result[model.classes[c]] = _fit_one(
-            model, net, c, rows, features, n_hits_t, visible_t, n_steps, batch_size, lr, seed + c
+            model, net, c, rows, features, n_hits_t, visible_t, n_steps, batch, lr, seed + c
         )
     return result
 
