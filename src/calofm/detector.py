@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
+from typing import ClassVar
 
 import numpy as np
 
+from calofm.configs import FromDict
 from calofm.errors import CalofmError
 
 # Radiation lengths (mm) of Geant4 NIST materials, used only for derived depths in X0.
@@ -44,11 +46,13 @@ def _default_absorbers() -> list[float]:
 
 
 @dataclass(frozen=True)
-class DetectorConfig:
+class DetectorConfig(FromDict):
     """A sampling ECAL: absorber plates each followed by a silicon plane segmented into cells.
 
     Voxel axis order is (layer, x, y); the flat voxel index is ``(layer * nx + x) * ny + y``.
     """
+
+    config_name: ClassVar[str] = "detector"
 
     absorber_mm: tuple[float, ...] = field(default_factory=lambda: tuple(_default_absorbers()))
     silicon_mm: float = 0.5
@@ -115,14 +119,6 @@ class DetectorConfig:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> DetectorConfig:
-        known = {f for f in cls.__dataclass_fields__}
-        unknown = set(d) - known
-        if unknown:
-            raise CalofmError(f"detector: unknown config keys {sorted(unknown)}")
-        return cls(**d)
 
     @classmethod
     def from_json(cls, text: str) -> DetectorConfig:

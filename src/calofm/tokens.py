@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
+from typing import ClassVar
 
 import numpy as np
 
+from calofm.configs import FromDict
 from calofm.data.showers import SparseShowers
 from calofm.detector import DetectorConfig
 from calofm.errors import CalofmError
@@ -20,8 +22,10 @@ SCHEMES = ("linear", "log")
 
 
 @dataclass(frozen=True)
-class TokenizerConfig:
+class TokenizerConfig(FromDict):
     """Everything needed to turn showers into tokens and back; saved with every model."""
+
+    config_name: ClassVar[str] = "tokens"
 
     n_voxels: int = 27000
     scheme: str = "linear"
@@ -96,13 +100,6 @@ class TokenizerConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> TokenizerConfig:
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise CalofmError(f"tokens: unknown config keys {sorted(unknown)}")
-        return cls(**d)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)

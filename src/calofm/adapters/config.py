@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
+from typing import ClassVar
 
+from calofm.configs import FromDict
 from calofm.detector import material_long
 from calofm.errors import CalofmError
 from calofm.model.config import class_name as join_class
@@ -15,7 +17,7 @@ KINDS = ("expert", "particle", "particle+expert")
 
 
 @dataclass(frozen=True)
-class AdapterConfig:
+class AdapterConfig(FromDict):
     """One adapter: a particle part, an expert part, or both (a new particle's first material).
 
     Particle part (``particle``): LoRA of rank ``rank`` on q, k, v and the output projection of
@@ -31,6 +33,8 @@ class AdapterConfig:
     layer, which let the new class move its longitudinal profile directly (the reference needed a
     post-hoc shift of the most energetic hits for that).
     """
+
+    config_name: ClassVar[str] = "adapter"
 
     particle: str | None = None
     rank: int = 16
@@ -92,13 +96,6 @@ class AdapterConfig:
             for key in ("init_from", "condition"):
                 del d[key]
         return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> AdapterConfig:
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise CalofmError(f"adapter: unknown config keys {sorted(unknown)}")
-        return cls(**d)
 
 
 @dataclass(frozen=True)

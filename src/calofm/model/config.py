@@ -7,15 +7,19 @@ every block holds one expert per class.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
+from typing import ClassVar
 
+from calofm.configs import FromDict
 from calofm.errors import CalofmError
 
 VOXEL_HEADS = ("flat", "factorised")
 
 
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(FromDict):
     """Transformer sizes; vocabularies come from the TokenizerConfig, the grid from the detector."""
+
+    config_name: ClassVar[str] = "model"
 
     d_model: int = 256
     n_heads: int = 8
@@ -71,13 +75,6 @@ class ModelConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> ModelConfig:
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise CalofmError(f"model: unknown config keys {sorted(unknown)}")
-        return cls(**d)
 
 
 # The design that fits a CPU budget best (benchmarks/bench_fidelity.py; docs/results.md). Falling

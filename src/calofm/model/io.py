@@ -11,13 +11,11 @@ A name of a shipped model (``calofm.pretrained``) works wherever a directory doe
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from torch import nn
 
 from calofm import __version__
 from calofm.detector import DetectorConfig
@@ -26,6 +24,13 @@ from calofm.files import read_manifest_file
 from calofm.model.config import ModelConfig
 from calofm.model.transformer import CaloFM
 from calofm.pretrained import resolve_model, shipped_models
+from calofm.tensorfiles import (
+    check_tensors,
+    cpu_copy,
+    read_tensor_file,
+    weights_hash,
+    write_tensor_files,
+)
 from calofm.tokens import TokenizerConfig
 
 FORMAT_VERSION = 1
@@ -33,22 +38,15 @@ WEIGHTS_FILE = "model.safetensors"
 MANIFEST_FILE = "manifest.json"
 
 
-def weights_hash(state_dict: dict[str, torch.Tensor]) -> str:
-    """sha256 over names, dtypes, shapes and raw bytes in name order; independent of file layout."""
-    h = hashlib.sha256()
-    for name in sorted(state_dict):
-        t = state_dict[name].detach().to("cpu").contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def _weights(model: CaloFM) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-
-
 def model_hash(model: CaloFM) -> str:
-    return weights_hash(_weights(model))
+    return weights_hash(model.state_dict())
+
+
+def _foreign_module(model: nn.Module) -> bool:
+    """Whether ``model`` holds a module a model built from its manifest would not (an adapter's),
+    which ``load_model`` could not rebuild."""
+    own = ("calofm.model.", "torch.nn.")
+    return any(not type(m).__module__.startswith(own) for m in model.modules())
 
 
 STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
@@ -66,11 +64,14 @@ def save_model(
     """
     if storage_dtype not in STORAGE_DTYPES:
         raise CalofmError(f"model: storage dtype must be one of {', '.join(STORAGE_DTYPES)}")
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    if not isinstance(model, CaloFM) or _foreign_module(model):
+        raise CalofmError(
+            "save_model writes base models only: save an adapted model's adapters "
+            "(save_adapter), or merge one particle adapter into a plain model (merge_lora) first"
+        )
     stored = {
         k: v.to(STORAGE_DTYPES[storage_dtype]) if v.is_floating_point() else v
-        for k, v in _weights(model).items()
+        for k, v in cpu_copy(model.state_dict()).items()
     }
     tensors = _as_loaded(stored)
     manifest = {
@@ -86,17 +87,7 @@ def save_model(
         "weights_sha256": weights_hash(tensors),
         "storage_dtype": storage_dtype,
     }
-    tmp_weights = directory / f".{WEIGHTS_FILE}.{os.getpid()}.tmp"
-    tmp_manifest = directory / f".{MANIFEST_FILE}.{os.getpid()}.tmp"
-    try:
-        save_file(stored, str(tmp_weights), metadata={"format": "pt"})
-        tmp_manifest.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
-        os.replace(tmp_weights, directory / WEIGHTS_FILE)
-        os.replace(tmp_manifest, directory / MANIFEST_FILE)
-    finally:
-        tmp_weights.unlink(missing_ok=True)
-        tmp_manifest.unlink(missing_ok=True)
-    return directory
+    return write_tensor_files(directory, WEIGHTS_FILE, stored, MANIFEST_FILE, manifest)
 
 
 def _as_loaded(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -137,12 +128,7 @@ def load_model(directory: str | os.PathLike[str], device: str | torch.device = "
     manifest = read_manifest(directory)
     model = build_from_manifest(manifest)
     path = directory / WEIGHTS_FILE
-    if not path.is_file():
-        raise CalofmError(f"{directory}: missing {WEIGHTS_FILE}")
-    try:
-        tensors = load_file(str(path))
-    except Exception as exc:  # safetensors raises its own error types for corrupt files
-        raise CalofmError(f"{path}: unreadable weights ({exc.__class__.__name__}: {exc})") from None
+    tensors = read_tensor_file(path, "weights")
     storage = manifest.get("storage_dtype", "float32")
     if storage not in STORAGE_DTYPES:
         raise CalofmError(f"{directory}: unknown storage dtype {storage!r} in the manifest")
@@ -155,22 +141,7 @@ def load_model(directory: str | os.PathLike[str], device: str | torch.device = "
         if wrong:
             raise CalofmError(f"{path}: tensor {wrong[0]} is not stored as {storage}")
         tensors = _as_loaded(tensors)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        raise CalofmError(
-            f"{path}: weights do not match the manifest's model: missing {missing[:5]}"
-            f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
-            f"{'...' if len(unexpected) > 5 else ''}"
-        )
-    for name, t in tensors.items():
-        want = expected[name]
-        if t.shape != want.shape or t.dtype != want.dtype:
-            raise CalofmError(
-                f"{path}: tensor {name} is {t.dtype} {tuple(t.shape)}, expected {want.dtype} "
-                f"{tuple(want.shape)}"
-            )
+    check_tensors(path, tensors, model.state_dict(), "the manifest's model")
     if weights_hash(tensors) != manifest["weights_sha256"]:
         raise CalofmError(f"{path}: weights hash does not match the manifest (corrupt or replaced)")
     model.load_state_dict(tensors, strict=True)
