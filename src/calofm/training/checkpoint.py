@@ -2,9 +2,11 @@
 
 A checkpoint directory holds ``model.safetensors`` (the full state dict),
 ``optimizer.safetensors`` (the optimizer's per-parameter tensors, flattened as
-``"<param index>.<name>"``), ``rng.safetensors`` (torch's CPU and CUDA generator states) and
-``state.json`` (step, epoch, position in the epoch, elapsed time, best validation loss, the
-optimizer's scalar settings and the run's signature).
+``"<param index>.<name>"``) and ``state.json`` (the run's ``Progress``, elapsed time, the
+optimizer's scalar settings and the run's signature). Training draws no random numbers from
+torch's global generators (the batches come from seeded numpy generators), so none are saved, and
+resuming leaves the caller's generators alone. Checkpoints of earlier versions also hold
+``rng.safetensors``; it is ignored.
 It is written under a temporary name and swapped in, so an interruption leaves the previous one.
 """
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -21,6 +24,18 @@ from safetensors.torch import load_file, save_file
 from calofm.errors import CalofmError
 
 FORMAT_VERSION = 1
+
+
+@dataclass
+class Progress:
+    """Where a training run stands: saved in every checkpoint, restored on resume."""
+
+    step: int = 0
+    epoch: int = 0
+    position: int = 0  # batches of this epoch done
+    best_val: float | None = None
+    last_val: float | None = None
+    last_val_step: int = -1
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -33,14 +48,6 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torc
             else:
                 scalars[f"{index}.{name}"] = value
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
-
-
-def _rng_tensors() -> dict[str, torch.Tensor]:
-    out = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            out[f"cuda.{i}"] = s
-    return out
 
 
 def save_checkpoint(
@@ -57,7 +64,6 @@ def save_checkpoint(
     save_file(model_state, tmp / "model.safetensors")
     tensors, opt_json = _optimizer_tensors(optimizer)
     save_file(tensors, tmp / "optimizer.safetensors")
-    save_file(_rng_tensors(), tmp / "rng.safetensors")
     doc = {"format_version": FORMAT_VERSION, "optimizer": opt_json, **state}
     (tmp / "state.json").write_text(json.dumps(doc, indent=1, sort_keys=True))
     if directory.exists():
@@ -81,13 +87,12 @@ def find_checkpoint(directory: Path) -> Path | None:
 def load_checkpoint(
     directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
 ) -> dict:
-    """Restore model, optimizer and RNG states in place; returns the JSON state."""
+    """Restore the model and optimizer states in place; returns the JSON state."""
     directory = Path(directory)
     try:
         doc = json.loads((directory / "state.json").read_text())
         model_state = load_file(directory / "model.safetensors")
         tensors = load_file(directory / "optimizer.safetensors")
-        rng = load_file(directory / "rng.safetensors")
     except (OSError, ValueError, json.JSONDecodeError) as exc:
         raise CalofmError(
             f"{directory}: unreadable checkpoint ({exc.__class__.__name__})"
@@ -120,8 +125,22 @@ def load_checkpoint(
         )
     except (ValueError, KeyError) as exc:
         raise CalofmError(f"{directory}: optimizer state does not match ({exc})") from None
-    torch.set_rng_state(rng["torch"])
-    cuda = [rng[k] for k in sorted(rng) if k.startswith("cuda.")]
-    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(cuda)
     return doc
+
+
+def resume_checkpoint(
+    directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, signature: dict
+) -> tuple[Progress, dict]:
+    """Restore the last checkpoint in ``directory`` made with ``signature``: its progress and
+    JSON state (elapsed time, the log's running sums). Another run's checkpoint is refused."""
+    found = find_checkpoint(directory)
+    if found is None:
+        raise CalofmError(f"{directory.parent.parent}: no checkpoint to resume from in {directory}")
+    doc = load_checkpoint(found, model, optimizer)
+    if doc["signature"] != signature:
+        changed = [k for k in signature if doc["signature"].get(k) != signature[k]]
+        raise CalofmError(
+            f"{found}: checkpoint was made with other settings ({', '.join(changed)}); "
+            "resume with the original command"
+        )
+    return Progress(**{k: doc[k] for k in asdict(Progress())}), doc

@@ -85,5 +85,11 @@ def from_main(env: DistEnv, values: list[float]) -> list[float]:
     return t.tolist()
 
 
+def barrier(env: DistEnv) -> None:
+    """Wait until every process has arrived (e.g. until rank 0 has written its files)."""
+    if env.active:
+        dist.barrier()
+
+
 def _comm_device(env: DistEnv) -> torch.device:
     return env.device if env.device.type == "cuda" else torch.device("cpu")

@@ -32,15 +32,16 @@ class TrainLog:
             f.write(json.dumps(record) + "\n")
 
     def plot(self, path: Path) -> None:
-        """Training loss per logged interval and validation loss against the step."""
-        import matplotlib
+        """Training loss per logged interval and validation loss against the step.
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        A bare ``Figure`` (no pyplot): no global backend or figure state is touched.
+        """
+        from matplotlib.figure import Figure
 
         train = [r for r in self.records if r["kind"] == "train"]
         val = [r for r in self.records if r["kind"] == "val"]
-        fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
+        fig = Figure(figsize=(6.4, 4.0), dpi=120)
+        ax = fig.subplots()
         if train:
             ax.plot([r["step"] for r in train], [r["loss"] for r in train], lw=1, label="train")
         if val:
@@ -55,4 +56,3 @@ class TrainLog:
         fig.tight_layout()
         with atomic_output(path) as tmp:
             fig.savefig(tmp, format="png")
-        plt.close(fig)

@@ -4,16 +4,19 @@ What differs between stages is only which parameters are trainable and which dat
 loop, the schedule, validation, checkpoints, resume and DDP are shared. Every process runs the same
 loop on its share of the same global batches; rank 0 alone writes files and shows progress, and
 takes the decisions that must agree across processes (stop now, time is up), which it broadcasts.
+
+A run is a ``_Run``: its fixed parts, the ``Progress`` a checkpoint saves, and one short method
+per action (step, log, validate, checkpoint, decide, finish). The losses of the steps are summed on
+the device and read by the host only when they are logged or checkpointed, so a step does not wait
+for the accelerator.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,14 +24,27 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from calofm.data.batches import BucketBatchSampler, TokenDataset, collate, eval_batches, shard
+from calofm.data.batches import TokenDataset, shard
 from calofm.errors import CalofmError
 from calofm.files import atomic_output
 from calofm.training import distributed
-from calofm.training.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from calofm.training.checkpoint import Progress, resume_checkpoint, save_checkpoint
 from calofm.training.config import TrainConfig
 from calofm.training.logs import TrainLog
+from calofm.training.schedule import learning_rate, total_steps
+from calofm.training.steps import (
+    LossSums,
+    autocast,
+    batch_on,
+    batch_plan,
+    evaluate,
+    loss_module,
+    make_optimizer,
+    run_signature,
+)
 from calofm.training.totals import fit_trainable_totals
+
+__all__ = ["TrainResult", "evaluate", "learning_rate", "total_steps", "train"]
 
 LOG_FILE = "train_log.jsonl"
 PLOT_FILE = "loss_curve.png"
@@ -45,110 +61,6 @@ class TrainResult:
     last_val_loss: float | None
     interrupted: bool
     elapsed_s: float
-
-
-class _LossModule(nn.Module):
-    """Routes DDP's forward to ``model.loss``, so gradient averaging hooks into the loss."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, spatial, energy, incident, class_id):
-        return self.model.loss(spatial, energy, incident, class_id)
-
-
-def learning_rate(
-    config: TrainConfig, step: int, total_steps: int | None, elapsed_s: float
-) -> float:
-    """Linear warm-up, then cosine from ``lr`` to ``min_lr_ratio * lr`` over the run's progress."""
-    if step < config.warmup_steps:
-        return config.lr * (step + 1) / config.warmup_steps
-    progress = 0.0
-    if total_steps is not None:
-        progress = (step - config.warmup_steps) / max(1, total_steps - config.warmup_steps)
-    if config.time_limit_min is not None:
-        progress = max(progress, elapsed_s / (60 * config.time_limit_min))
-    progress = min(progress, 1.0)
-    floor = config.min_lr_ratio
-    return config.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def total_steps(config: TrainConfig, sampler: BucketBatchSampler) -> int | None:
-    """Optimizer steps the step budgets allow (None when only the time limit bounds the run)."""
-    steps = None
-    if config.epochs is not None:
-        steps = sum(sampler.n_batches(e) for e in range(config.epochs))
-    if config.max_steps is not None:
-        steps = config.max_steps if steps is None else min(steps, config.max_steps)
-    return steps
-
-
-def dataset_fingerprint(dataset: TokenDataset) -> str:
-    """A hash of the encoded data, so that a resume with different data is refused."""
-    digest = hashlib.sha256()
-    for array in (
-        dataset.lengths,
-        dataset.class_id,
-        dataset.incident,
-        dataset.spatial,
-        dataset.energy,
-    ):
-        digest.update(np.ascontiguousarray(array).tobytes())
-    return digest.hexdigest()
-
-
-def parameter_counts(model: nn.Module, trainable: list[nn.Parameter]) -> tuple[int, int]:
-    return sum(p.numel() for p in trainable), sum(p.numel() for p in model.parameters())
-
-
-def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
-def _autocast(device: torch.device, enabled: bool):
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    dataset: TokenDataset,
-    batches: list[np.ndarray],
-    env: distributed.DistEnv,
-    amp: bool = False,
-) -> dict[str, float]:
-    """Token-weighted mean losses over every shower of ``dataset`` (summed over processes)."""
-    was_training = model.training
-    model.eval()
-    sums = np.zeros(4)
-    for global_batch in batches:
-        part = shard(global_batch, env.rank, env.world_size)
-        if not len(part):
-            continue
-        b = _to_device(collate(dataset, part), env.device)
-        with _autocast(env.device, amp):
-            losses = model.loss(b["spatial"], b["energy"], b["incident"], b["class_id"])
-        n = dataset.n_targets(part)
-        sums += [float(v) * n for v in losses] + [n]
-    model.train(was_training)
-    total, spatial, energy, n = distributed.all_sum(env, sums.tolist())
-    n = max(n, 1.0)
-    return {"loss": total / n, "spatial": spatial / n, "energy": energy / n}
-
-
-def _optimizer(trainable: list[nn.Parameter], config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices and embedding tables only, not on biases and norms.
-
-    The fused implementation: on 2 CPU cores the element-wise update of the 3.5M-entry voxel
-    embedding is otherwise a quarter of a step of the small preset.
-    """
-    decay = [p for p in trainable if p.ndim >= 2]
-    rest = [p for p in trainable if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": config.weight_decay}]
-    if rest:
-        groups.append({"params": rest, "weight_decay": 0.0})
-    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), fused=True)
 
 
 def _default_save(model: nn.Module, directory: Path, provenance: dict) -> Path:
@@ -180,7 +92,6 @@ def train(
     checkpoint and returns with ``interrupted`` set, to be continued with ``resume=True``.
     Frozen parameters get ``requires_grad=False`` during the run and their flags back afterwards.
     """
-    out_dir = Path(out_dir)
     env = distributed.setup(device)
     model.to(env.device)
     params = list(model.parameters()) if trainable is None else list(trainable)
@@ -193,311 +104,297 @@ def train(
     for p in model.parameters():
         p.requires_grad_(id(p) in chosen)
     try:
-        return _run(
-            model,
-            train_set,
-            val_set,
-            config,
-            params,
-            out_dir,
-            env,
-            provenance or {},
-            resume,
-            save,
-            should_stop,
-            progress,
-        )
+        run = _Run(model, train_set, val_set, config, params, Path(out_dir), env, save, progress)
+        run.start(resume, provenance or {})
+        interrupted = _loop(run, should_stop)
+        return run.finish(interrupted)
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)
 
 
-def _run(
-    model: nn.Module,
-    train_set: TokenDataset,
-    val_set: TokenDataset | None,
-    config: TrainConfig,
-    params: list[nn.Parameter],
-    out_dir: Path,
-    env: distributed.DistEnv,
-    provenance: dict,
-    resume: bool,
-    save: Callable[[nn.Module, Path, dict], Path],
-    should_stop: Callable[[int], bool] | None,
-    progress: bool,
-) -> TrainResult:
-    main = env.is_main
-    checkpoint_dir = out_dir / CHECKPOINT_DIR / "last"
-    optimizer = _optimizer(params, config)
-    sampler = BucketBatchSampler(
-        train_set.lengths,
-        train_set.class_id,
-        seed=config.seed,
-        batch_size=config.batch_size,
-        batch_tokens=config.batch_tokens,
-        pool_batches=config.pool_batches,
-        world_size=env.world_size,
-    )
-    if sampler.n_batches(0) == 0:
-        raise CalofmError("training: too few showers for one batch per process")
-    steps_total = total_steps(config, sampler)
-    val_batches = (
-        eval_batches(val_set.lengths, config.batch_size, config.batch_tokens)
-        if val_set is not None and len(val_set)
-        else []
-    )
-    n_trainable, n_total = parameter_counts(model, params)
-    signature = {
-        "train_config": config.to_dict(),
-        "data": dataset_fingerprint(train_set),
-        "val_data": dataset_fingerprint(val_set) if val_set is not None else None,
-        "classes": list(train_set.classes),
-        "n_trainable": n_trainable,
-        "n_parameters": n_total,
-    }
+def _loop(run: _Run, should_stop: Callable[[int], bool] | None) -> bool:
+    """Train until a budget is reached (False) or a stop is asked for (True)."""
+    s, config = run.state, run.config
+    while not run.steps_done() and (config.epochs is None or s.epoch < config.epochs):
+        batches = run.sampler.batches(s.epoch)
+        while s.position < len(batches):
+            run.step(batches[s.position])
+            if s.step % config.log_every == 0:
+                run.log()
+            stop, done, due = run.decide(should_stop)
+            if stop:
+                return True
+            if done:
+                return False
+            if due:
+                run.checkpoint()
+        run.validate()
+        s.epoch += 1
+        s.position = 0
+        run.checkpoint()
+    return False
 
-    step, epoch, position, elapsed0 = 0, 0, 0, 0.0
-    interval_sums = {"loss": 0.0, "spatial": 0.0, "energy": 0.0, "tokens": 0.0}
-    best_val: float | None = None
-    last_val: float | None = None
-    last_val_step = -1
-    if resume:
-        found = find_checkpoint(checkpoint_dir)
-        if found is None:
-            raise CalofmError(f"{out_dir}: no checkpoint to resume from in {checkpoint_dir}")
-        state = load_checkpoint(found, model, optimizer)
-        if state["signature"] != signature:
-            changed = [k for k in signature if state["signature"].get(k) != signature[k]]
-            raise CalofmError(
-                f"{found}: checkpoint was made with other settings ({', '.join(changed)}); "
-                "resume with the original command"
+
+class _Run:
+    """One training run: what stays fixed, where it stands, and the actions of the loop."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        train_set: TokenDataset,
+        val_set: TokenDataset | None,
+        config: TrainConfig,
+        params: list[nn.Parameter],
+        out_dir: Path,
+        env: distributed.DistEnv,
+        save: Callable[[nn.Module, Path, dict], Path],
+        progress: bool,
+    ):
+        self.model, self.train_set, self.val_set = model, train_set, val_set
+        self.config, self.params, self.out_dir, self.env = config, params, out_dir, env
+        self.save_model, self.show_progress = save, progress
+        self.checkpoint_dir = out_dir / CHECKPOINT_DIR / "last"
+        self.optimizer = make_optimizer(params, config)
+        self.sampler, self.val_batches = batch_plan(config, train_set, val_set, env.world_size)
+        self.steps_total = total_steps(config, self.sampler)
+        self.n_trainable = sum(p.numel() for p in params)
+        self.n_total = sum(p.numel() for p in model.parameters())
+        self.signature = run_signature(config, train_set, val_set, self.n_trainable, self.n_total)
+        self.state = Progress()
+        self.grad_norm: torch.Tensor | None = None  # of the last step
+        self.lr = config.lr  # of the last step
+        # The first step whose gradient was not finite (-1: none), read at the next sync point.
+        self.diverged_at = torch.tensor(-1, device=env.device)
+
+    # ---- set-up ----------------------------------------------------------------------------
+
+    def start(self, resume: bool, provenance: dict) -> None:
+        """Restore a checkpoint (or refuse a used directory), fit the totals, start the clocks."""
+        env, main = self.env, self.env.is_main
+        self.provenance = provenance
+        elapsed0, sums = 0.0, None
+        if resume:
+            self.state, doc = resume_checkpoint(
+                self.checkpoint_dir, self.model, self.optimizer, self.signature
             )
-        step, epoch, position = state["step"], state["epoch"], state["position"]
-        elapsed0, best_val, last_val = state["elapsed_s"], state["best_val"], state["last_val"]
-        last_val_step = state["last_val_step"]
-        if main:  # saved summed over processes; the others start from zero
-            interval_sums = state["interval"]
-    elif distributed.from_main(
-        env, [float(checkpoint_dir.parent.exists() or (out_dir / LOG_FILE).exists())]
-    )[0]:
-        raise CalofmError(
-            f"{out_dir}: already holds a training run; resume it with --resume or choose "
-            "another --out"
+            # The log's sums were saved summed over processes; the others start from zero.
+            elapsed0, sums = doc["elapsed_s"], doc["interval"] if main else None
+        elif distributed.from_main(
+            env,
+            [float(self.checkpoint_dir.parent.exists() or (self.out_dir / LOG_FILE).exists())],
+        )[0]:
+            raise CalofmError(
+                f"{self.out_dir}: already holds a training run; resume it with --resume or "
+                "choose another --out"
+            )
+        if main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            print(
+                f"trainable parameters: {self.n_trainable:,} of {self.n_total:,} "
+                f"({100 * self.n_trainable / self.n_total:.1f}%)"
+                f"; {env.world_size} process(es) on {env.device.type}; "
+                f"{self.sampler.n_batches(self.state.epoch)} batches per epoch",
+                flush=True,
+            )
+        step = self.state.step
+        self.log_file = (
+            TrainLog(self.out_dir / LOG_FILE, step if resume else None) if main else None
         )
-    if main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        print(
-            f"trainable parameters: {n_trainable:,} of {n_total:,} "
-            f"({100 * n_trainable / n_total:.1f}%)"
-            f"; {env.world_size} process(es) on {env.device.type}; "
-            f"{sampler.n_batches(epoch)} batches per epoch",
-            flush=True,
+        if not resume:  # every process fits the same networks from the same seed
+            chosen = {id(p) for p in self.params}
+            fitted = fit_trainable_totals(self.model, self.train_set, chosen, self.config.seed)
+            if fitted and main:
+                print(fitted, flush=True)
+        self.net = loss_module(self.model, env)
+        self.model.train()
+        self.start_time = time.monotonic() - elapsed0
+        self.last_checkpoint = time.monotonic()
+        # Time to keep for the final validation: measured once one has run, until then estimated
+        # from the training speed (a forward-and-backward rate, so a generous estimate).
+        self.val_seconds: float | None = None
+        self.val_tokens = (
+            self.val_set.n_targets(np.arange(len(self.val_set))) / env.world_size
+            if self.val_batches
+            else 0
         )
-    log = TrainLog(out_dir / LOG_FILE, resume_step=step if resume else None) if main else None
-    if not resume:  # every process fits the same networks from the same seed
-        fitted = fit_trainable_totals(model, train_set, {id(p) for p in params}, config.seed)
-        if fitted and main:
-            print(fitted, flush=True)
+        self.run_tokens, self.run_start = 0, time.monotonic()
+        self.interval = LossSums(env.device, sums)  # since the last log line
+        self.interval_start = time.monotonic()  # pushed on by validation and checkpoints
+        self.elapsed = elapsed0  # rank 0's clock, shared after every step, so schedules agree
+        self.bar = tqdm(
+            total=self.steps_total,
+            initial=step,
+            unit="step",
+            disable=not (main and self.show_progress),
+            dynamic_ncols=True,
+        )
 
-    net: nn.Module = _LossModule(model)
-    if env.active:
-        net = nn.parallel.DistributedDataParallel(
-            net,
-            device_ids=[env.device.index] if env.device.type == "cuda" else None,
-            find_unused_parameters=True,
-        )
-    model.train()
-    start = time.monotonic() - elapsed0
-    last_checkpoint = time.monotonic()
-    # Time to keep for the final validation: measured once one has run, until then estimated
-    # from the training speed (a forward-and-backward rate, so a generous estimate).
-    val_seconds: float | None = None
-    val_tokens = val_set.n_targets(np.arange(len(val_set))) / env.world_size if val_batches else 0
-    run_tokens, run_start = 0, time.monotonic()
-    interval = {**interval_sums, "t": time.monotonic()}
-    elapsed = elapsed0  # rank 0's clock, shared after every step, so schedules agree
-    bar = tqdm(
-        total=steps_total,
-        initial=step,
-        unit="step",
-        disable=not (main and progress),
-        dynamic_ncols=True,
-    )
+    # ---- the actions of the loop -----------------------------------------------------------
 
-    def checkpoint() -> None:
+    def steps_done(self) -> bool:
+        return self.steps_total is not None and self.state.step >= self.steps_total
+
+    def step(self, global_batch: np.ndarray) -> None:
+        """One optimizer step on this process's share of ``global_batch``; no host sync."""
+        s, env = self.state, self.env
+        part = shard(global_batch, env.rank, env.world_size)
+        n_global = self.train_set.n_targets(global_batch)
+        n_local = self.train_set.n_targets(part)
+        self.lr = learning_rate(self.config, s.step, self.steps_total, self.elapsed)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr
+        b = batch_on(self.train_set, part, env.device)
+        with autocast(env.device, self.config.amp):
+            losses = self.net(b["spatial"], b["energy"], b["incident"], b["class_id"])
+        # Each process's loss is a mean over its own tokens; weighting by its token share
+        # makes DDP's average the mean over the global batch's tokens.
+        (losses[0] * (n_local * env.world_size / n_global)).backward()
+        self.grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.grad_clip)
+        first = (self.diverged_at < 0) & ~torch.isfinite(self.grad_norm)
+        self.diverged_at = torch.where(first, s.step, self.diverged_at)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        s.step += 1
+        s.position += 1
+        self.interval.add(losses, n_local)
+        self.run_tokens += n_local
+        self.bar.update(1)
+
+    def _check_finite(self) -> None:
+        """Refuse to go on (and to write anything) after a non-finite gradient."""
+        step = int(self.diverged_at)
+        if step >= 0:
+            raise CalofmError(
+                f"training diverged at step {step} (non-finite gradient); lower the learning rate"
+            )
+
+    def log(self) -> None:
+        """Write the interval's mean losses and speed (rank 0) and start a new interval."""
+        self._check_finite()
+        sums = self.interval.summed(self.env)
+        tokens = sums["tokens"]
+        now = time.monotonic()
+        rate = tokens / max(now - self.interval_start, 1e-9)
+        if self.env.is_main:
+            self.log_file.write(
+                {
+                    "kind": "train",
+                    "step": self.state.step,
+                    "epoch": self.state.epoch,
+                    "loss": sums["loss"] / tokens,
+                    "spatial": sums["spatial"] / tokens,
+                    "energy": sums["energy"] / tokens,
+                    "lr": self.lr,
+                    "grad_norm": float(self.grad_norm),
+                    "tokens_per_s": rate,
+                    "elapsed_s": now - self.start_time,
+                }
+            )
+            self.bar.set_postfix(
+                loss=f"{sums['loss'] / tokens:.3f}", lr=f"{self.lr:.2e}", tok_s=f"{rate:.0f}"
+            )
+        self.interval.clear()
+        self.interval_start = now
+
+    def decide(self, should_stop: Callable[[int], bool] | None) -> tuple[bool, bool, bool]:
+        """(stop asked for, budget reached, checkpoint due): rank 0's answers on every process."""
+        now = time.monotonic()
+        stop = bool(should_stop and should_stop(self.state.step))
+        reserve = (
+            self.val_seconds
+            if self.val_seconds is not None
+            else self.val_tokens * (now - self.run_start) / max(self.run_tokens, 1)
+        )
+        limit = self.config.time_limit_min
+        time_up = limit is not None and now - self.start_time + reserve >= 60 * limit
+        due = now - self.last_checkpoint >= 60 * self.config.checkpoint_minutes
+        self.elapsed, stop_flag, time_flag, due_flag = distributed.from_main(
+            self.env, [now - self.start_time, stop, time_up, due]
+        )
+        return bool(stop_flag), bool(time_flag) or self.steps_done(), bool(due_flag)
+
+    def checkpoint(self) -> None:
         """Called by every process at the same steps: the log's running sums are summed first."""
         t0 = time.monotonic()
-        keys = ("loss", "spatial", "energy", "tokens")
-        sums = distributed.all_sum(env, [interval[k] for k in keys])
-        summed = dict(zip(keys, sums, strict=True))
-        if main:
-            save_checkpoint(
-                checkpoint_dir,
-                model,
-                optimizer,
-                {
-                    "signature": signature,
-                    "step": step,
-                    "epoch": epoch,
-                    "position": position,
-                    "elapsed_s": time.monotonic() - start,
-                    "best_val": best_val,
-                    "last_val": last_val,
-                    "last_val_step": last_val_step,
-                    "interval": summed,
-                },
-            )
-        interval["t"] += time.monotonic() - t0
+        self._check_finite()
+        summed = self.interval.summed(self.env)
+        if self.env.is_main:
+            state = {
+                "signature": self.signature,
+                **asdict(self.state),
+                "elapsed_s": time.monotonic() - self.start_time,
+                "interval": summed,
+            }
+            save_checkpoint(self.checkpoint_dir, self.model, self.optimizer, state)
+        self.interval_start += time.monotonic() - t0
+        self.last_checkpoint = time.monotonic()
 
-    def validate() -> None:
-        nonlocal best_val, last_val, last_val_step, val_seconds
+    def validate(self) -> None:
+        """Validation loss (logged, plotted); the best weights so far are saved."""
+        s, main = self.state, self.env.is_main
         t0 = time.monotonic()
-        last_val_step = step
-        if not val_batches:
+        s.last_val_step = s.step
+        if not self.val_batches:
             return
-        metrics = evaluate(model, val_set, val_batches, env, config.amp)
-        last_val = metrics["loss"]
-        val_seconds = time.monotonic() - t0
+        self._check_finite()
+        metrics = evaluate(self.model, self.val_set, self.val_batches, self.env, self.config.amp)
+        s.last_val = metrics["loss"]
+        self.val_seconds = time.monotonic() - t0
         if main:
-            log.write(
-                {
-                    "kind": "val",
-                    "step": step,
-                    "epoch": epoch,
-                    **metrics,
-                    "elapsed_s": time.monotonic() - start,
-                }
-            )
-            log.plot(out_dir / PLOT_FILE)
-            bar.write(
-                f"step {step} epoch {epoch}: validation loss {metrics['loss']:.4f} "
+            elapsed = time.monotonic() - self.start_time
+            record = {"kind": "val", "step": s.step, "epoch": s.epoch, **metrics}
+            self.log_file.write({**record, "elapsed_s": elapsed})
+            self.log_file.plot(self.out_dir / PLOT_FILE)
+            self.bar.write(
+                f"step {s.step} epoch {s.epoch}: validation loss {metrics['loss']:.4f} "
                 f"(spatial {metrics['spatial']:.4f}, energy {metrics['energy']:.4f})"
             )
-        if best_val is None or last_val < best_val:
-            best_val = last_val
+        if s.best_val is None or s.last_val < s.best_val:
+            s.best_val = s.last_val
             if main:
-                save(model, out_dir, {**provenance, "training": _summary(step, epoch, best_val)})
-        interval["t"] += time.monotonic() - t0
+                self._save(s.best_val)
+        self.interval_start += time.monotonic() - t0
 
-    done = steps_total is not None and step >= steps_total
-    interrupted = False
-    while not done and (config.epochs is None or epoch < config.epochs):
-        batches = sampler.batches(epoch)
-        while position < len(batches):
-            global_batch = batches[position]
-            part = shard(global_batch, env.rank, env.world_size)
-            n_global = train_set.n_targets(global_batch)
-            n_local = train_set.n_targets(part)
-            lr = learning_rate(config, step, steps_total, elapsed)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            b = _to_device(collate(train_set, part), env.device)
-            with _autocast(env.device, config.amp):
-                total, spatial, energy = net(
-                    b["spatial"], b["energy"], b["incident"], b["class_id"]
-                )
-            # Each process's loss is a mean over its own tokens; weighting by its token share
-            # makes DDP's average the mean over the global batch's tokens.
-            (total * (n_local * env.world_size / n_global)).backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-            if not torch.isfinite(grad_norm):
-                raise CalofmError(
-                    f"training diverged at step {step} (non-finite gradient); "
-                    "lower the learning rate"
-                )
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            position += 1
-            for key, value in (("loss", total), ("spatial", spatial), ("energy", energy)):
-                interval[key] += value.item() * n_local
-            interval["tokens"] += n_local
-            run_tokens += n_local
-            bar.update(1)
+    def _save(self, best_val: float | None) -> None:
+        training = _summary(self.state.step, self.state.epoch, best_val)
+        self.save_model(self.model, self.out_dir, {**self.provenance, "training": training})
 
-            if step % config.log_every == 0:
-                loss, sp, en, tokens = distributed.all_sum(
-                    env,
-                    [interval["loss"], interval["spatial"], interval["energy"], interval["tokens"]],
-                )
-                now = time.monotonic()
-                rate = tokens / max(now - interval["t"], 1e-9)
-                record = {
-                    "kind": "train",
-                    "step": step,
-                    "epoch": epoch,
-                    "loss": loss / tokens,
-                    "spatial": sp / tokens,
-                    "energy": en / tokens,
-                    "lr": lr,
-                    "grad_norm": float(grad_norm),
-                    "tokens_per_s": rate,
-                    "elapsed_s": now - start,
-                }
-                if main:
-                    log.write(record)
-                    bar.set_postfix(
-                        loss=f"{loss / tokens:.3f}", lr=f"{lr:.2e}", tok_s=f"{rate:.0f}"
-                    )
-                interval.update(loss=0.0, spatial=0.0, energy=0.0, tokens=0.0, t=now)
+    def finish(self, interrupted: bool) -> TrainResult:
+        """Validate where the run ended, checkpoint; unless interrupted, save and summarise."""
+        s = self.state
+        if not interrupted and s.last_val_step != s.step:
+            self.validate()
+        self.checkpoint()
+        self.bar.close()
+        elapsed = time.monotonic() - self.start_time
+        if self.env.is_main and not interrupted:
+            if not self.val_batches:
+                self._save(None)
+            self.log_file.plot(self.out_dir / PLOT_FILE)
+            self._write_summary(elapsed)
+        distributed.barrier(self.env)  # no process goes on (and removes files) before rank 0
+        return TrainResult(
+            self.out_dir, s.step, s.epoch, s.best_val, s.last_val, interrupted, elapsed
+        )
 
-            now = time.monotonic()
-            stop = bool(should_stop and should_stop(step))
-            reserve = (
-                val_seconds
-                if val_seconds is not None
-                else val_tokens * (now - run_start) / max(run_tokens, 1)
-            )
-            time_up = (
-                config.time_limit_min is not None
-                and now - start + reserve >= 60 * config.time_limit_min
-            )
-            due = now - last_checkpoint >= 60 * config.checkpoint_minutes
-            elapsed, stop_flag, time_flag, due = distributed.from_main(
-                env, [now - start, stop, time_up, due]
-            )
-            if stop_flag:
-                interrupted = True
-                break
-            if time_flag or (steps_total is not None and step >= steps_total):
-                done = True
-                break
-            if due:
-                checkpoint()
-                last_checkpoint = time.monotonic()
-        if interrupted or done:
-            break
-        validate()
-        epoch += 1
-        position = 0
-        checkpoint()
-        last_checkpoint = time.monotonic()
-
-    if not interrupted and last_val_step != step:
-        validate()
-    checkpoint()
-    bar.close()
-    elapsed = time.monotonic() - start
-    if main and not interrupted:
-        if not val_batches:
-            save(model, out_dir, {**provenance, "training": _summary(step, epoch, None)})
-        log.plot(out_dir / PLOT_FILE)
+    def _write_summary(self, elapsed: float) -> None:
+        s, val_set = self.state, self.val_set
         summary = {
-            **_summary(step, epoch, best_val),
-            "last_val_loss": last_val,
+            **_summary(s.step, s.epoch, s.best_val),
+            "last_val_loss": s.last_val,
             "elapsed_s": elapsed,
-            "world_size": env.world_size,
-            "device": env.device.type,
-            "n_trainable": n_trainable,
-            "n_parameters": n_total,
-            "n_train_showers": len(train_set),
+            "world_size": self.env.world_size,
+            "device": self.env.device.type,
+            "n_trainable": self.n_trainable,
+            "n_parameters": self.n_total,
+            "n_train_showers": len(self.train_set),
             "n_val_showers": len(val_set) if val_set is not None else 0,
-            "train_config": config.to_dict(),
-            "data_messages": train_set.messages() + (val_set.messages() if val_set else []),
+            "train_config": self.config.to_dict(),
+            "data_messages": self.train_set.messages() + (val_set.messages() if val_set else []),
         }
-        with atomic_output(out_dir / SUMMARY_FILE) as tmp:
+        with atomic_output(self.out_dir / SUMMARY_FILE) as tmp:
             tmp.write_text(json.dumps(summary, indent=1))
-    return TrainResult(out_dir, step, epoch, best_val, last_val, interrupted, elapsed)
 
 
 def _summary(step: int, epoch: int, best_val: float | None) -> dict:
