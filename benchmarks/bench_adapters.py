@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from calofm.adapters import AdapterConfig, attach
+from calofm.adapters import AdaptedModel, AdapterConfig
 from calofm.detector import DetectorConfig
 from calofm.files import atomic_output
 from calofm.generation.engine import N_UNIFORMS, decode
@@ -34,7 +34,7 @@ CASES = [
 ]
 
 
-def tokens_per_s(model: CaloFM, classes: list[str], batch: int, steps: int) -> float:
+def tokens_per_s(model: CaloFM | AdaptedModel, classes: list[str], batch: int, steps: int) -> float:
     ids = torch.tensor([model.class_index(classes[i % len(classes)]) for i in range(batch)])
     uniforms = torch.from_numpy(np.random.default_rng(0).random((batch, steps + 1, N_UNIFORMS)))
     sampling = SamplingConfig(1.0, None, None, None)
@@ -57,16 +57,16 @@ def main() -> None:
         det, scheme="log", n_bins=1024, max_mev=70.0, incident_min_gev=10, incident_max_gev=100
     )
     torch.manual_seed(0)
-    model = CaloFM(preset("small"), tok, det, ["G4_W:gamma", "G4_Ta:gamma"]).eval()
+    model: CaloFM | AdaptedModel = CaloFM(preset("small"), tok, det, ["G4_W:gamma", "G4_Ta:gamma"])
+    model.eval()
     rows = []
     for label, classes in CASES:
-        if classes is not None and "G4_Pb:gamma" not in model.classes:
-            attach(
-                model,
+        if classes is not None and not isinstance(model, AdaptedModel):
+            model = AdaptedModel(model)
+            model.add_adapter(
                 AdapterConfig(class_name="G4_Pb:gamma", init_from="G4_Ta:gamma", condition=True),
             )
-            attach(
-                model,
+            model.add_adapter(
                 AdapterConfig(
                     particle="e-", class_name="G4_W:e-", init_from="G4_W:gamma", embed_bottleneck=16
                 ),

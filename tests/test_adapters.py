@@ -1,7 +1,7 @@
 """Adapters: new materials and particles without forgetting, proven on a tiny model.
 
 Every class that existed before an adapter keeps bit-identical logits and generated showers; the
-base weights keep their hash; adapters save, load, stack, switch off and detach exactly.
+base weights keep their hash; adapters save, load, stack, switch off and are removed exactly.
 """
 
 from __future__ import annotations
@@ -16,19 +16,11 @@ from test_kv_cache import assert_steps_match
 from test_model import largest_change
 
 from calofm.adapters import (
+    AdaptedModel,
     AdapterConfig,
-    attach,
-    base_weights_hash,
-    check_base,
-    detach,
-    detach_all,
-    disable,
-    disabled,
-    enable,
     load_adapters,
     load_model_with_adapters,
     read_manifest,
-    registry,
     save_adapter,
 )
 from calofm.adapters.files import TENSORS_FILE
@@ -82,24 +74,27 @@ def tokens(b: int, t: int = 10, seed: int = 1):
     return s, e, Conditions(incident, n_hits, torch.rand(b, generator=g) * 500 + 1)
 
 
-def logits(model: CaloFM, classes: list[str], seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def logits(model: CaloFM | AdaptedModel, classes: list[str], seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     s, e, inc = tokens(len(classes), seed=seed)
     ids = torch.tensor([model.class_index(c) for c in classes])
     with torch.no_grad():
         return model(s, e, inc, ids)
 
 
-def perturb(model: CaloFM, name: str, seed: int = 3) -> None:
+def perturb(model: AdaptedModel, name: str, seed: int = 3) -> None:
     """Give an adapter non-trivial weights, as training would."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for p in registry(model).adapters[name].parameters():
+        for p in model.adapter(name).parameters():
             p.add_(0.2 * torch.randn(p.shape, generator=g))
 
 
-def trained(model: CaloFM, *configs: AdapterConfig) -> CaloFM:
+def trained(model: CaloFM | AdaptedModel, *configs: AdapterConfig) -> AdaptedModel:
+    """``model`` (wrapped if it is a base model) with ``configs``' adapters, trained-looking."""
+    if not isinstance(model, AdaptedModel):
+        model = AdaptedModel(model)
     for k, config in enumerate(configs):
-        attach(model, config)
+        model.add_adapter(config)
         perturb(model, config.name, seed=10 + k)
     return model
 
@@ -115,8 +110,9 @@ def assert_equal(a, b) -> None:
 def test_new_adapters_start_as_the_class_their_expert_copies():
     model = base_model()
     ta, w = logits(model, ["G4_Ta:gamma"] * 3), logits(model, ["G4_W:gamma"] * 3)
-    attach(model, PB_GAMMA)
-    attach(model, W_ELECTRON)
+    model = AdaptedModel(model)
+    model.add_adapter(PB_GAMMA)
+    model.add_adapter(W_ELECTRON)
     assert_equal(logits(model, ["G4_Pb:gamma"] * 3), ta)
     assert_equal(logits(model, ["G4_W:e-"] * 3), w)
 
@@ -124,52 +120,53 @@ def test_new_adapters_start_as_the_class_their_expert_copies():
 def test_base_logits_and_hash_are_bit_identical_with_trained_adapters_attached():
     model = base_model()
     before, h = logits(model, ["G4_W:gamma", "G4_Ta:gamma"] * 2), model_hash(model)
-    trained(model, PB_GAMMA, W_ELECTRON, PB_ELECTRON)
+    model = trained(model, PB_GAMMA, W_ELECTRON, PB_ELECTRON)
     assert model.classes == [*BASE, "G4_Pb:gamma", "G4_W:e-", "G4_Pb:e-"]
     assert_equal(logits(model, ["G4_W:gamma", "G4_Ta:gamma"] * 2), before)
-    assert base_weights_hash(model) == h
+    assert model.base_weights_hash() == model.base_hash == h
     assert all(
         not p.requires_grad
-        for n, p in model.named_parameters()
-        if "lora" not in n and n in registry(model).base_keys
+        for n, p in model.base.named_parameters()
+        if "lora" not in n and n in model.base_keys
     )
-    check_base(model)
+    model.check_base()
     with torch.no_grad():
         model.blocks[0].attn.wq.weight[0, 0] += 1e-3
     with pytest.raises(CalofmError, match="base model's weights have changed"):
-        check_base(model)
+        model.check_base()
 
 
 def test_adapted_rows_really_change():
     model = base_model()
     before = logits(model, ["G4_W:gamma"] * 2)
-    trained(model, W_ELECTRON)
+    model = trained(model, W_ELECTRON)
     after = logits(model, ["G4_W:e-"] * 2)
     assert all(largest_change(a, b) > 1e-2 for a, b in zip(after, before, strict=True))
 
 
-def test_disabling_switches_lora_heads_and_bottlenecks_off_and_detaching_restores_the_base():
+def test_disabling_switches_lora_heads_and_bottlenecks_off_and_unloading_restores_the_base():
     model = base_model()
     w, h = logits(model, ["G4_W:gamma"] * 3), model_hash(model)
-    attach(model, W_ELECTRON)
+    model = AdaptedModel(model)
+    model.add_adapter(W_ELECTRON)
     perturb(model, "G4_W:e-")
     with torch.no_grad():  # the expert back to the W expert: only LoRA, heads, bottlenecks differ
         for block in model.blocks:
             block.experts.ffn[2].load_state_dict(block.experts.ffn[0].state_dict())
     adapted = logits(model, ["G4_W:e-"] * 3)
-    with disabled(model):
+    with model.disabled():
         assert_equal(logits(model, ["G4_W:e-"] * 3), w)
     assert_equal(logits(model, ["G4_W:e-"] * 3), adapted)
-    disable(model, ["G4_W:e-"])
-    with disabled(model):
+    model.disable(["G4_W:e-"])
+    with model.disabled():
         pass
     assert_equal(logits(model, ["G4_W:e-"] * 3), w)  # the context kept it switched off
-    enable(model)
+    model.enable()
     assert_equal(logits(model, ["G4_W:e-"] * 3), adapted)
-    attach(model, PB_GAMMA)
-    detach_all(model)
-    assert model.classes == BASE and model_hash(model) == h
-    assert_equal(logits(model, ["G4_W:gamma"] * 3), w)
+    model.add_adapter(PB_GAMMA)
+    base = model.unload()
+    assert base.classes == BASE and model_hash(base) == h
+    assert_equal(logits(base, ["G4_W:gamma"] * 3), w)
 
 
 def test_mixed_batch_rows_equal_each_row_alone():
@@ -188,15 +185,15 @@ def test_mixed_batch_rows_equal_each_row_alone():
 def test_adding_a_second_particle_leaves_the_first_untouched():
     model = trained(base_model(), W_ELECTRON, PB_ELECTRON)
     first = [logits(model, [c] * 2) for c in ("G4_W:e-", "G4_Pb:e-")]
-    tensors = {k: v.clone() for k, v in registry(model).adapters["G4_W:e-"].tensors().items()}
+    tensors = {k: v.clone() for k, v in model.adapter("G4_W:e-").tensors().items()}
     positron = AdapterConfig(particle="e+", rank=2, class_name="G4_W:e+", init_from="G4_W:gamma")
     trained(model, positron)
     assert model.classes[-1] == "G4_W:e+"
     for c, want in zip(("G4_W:e-", "G4_Pb:e-"), first, strict=True):
         assert_equal(logits(model, [c] * 2), want)
-    after = registry(model).adapters["G4_W:e-"].tensors()
+    after = model.adapter("G4_W:e-").tensors()
     assert all(torch.equal(after[k], v) for k, v in tensors.items())
-    detach(model, "G4_W:e+")
+    model.remove_adapter("G4_W:e+")
     assert_equal(logits(model, ["G4_W:e-"] * 2), first[0])
 
 
@@ -236,7 +233,7 @@ def test_adapters_train_under_bfloat16_autocast():
     fitted_apart = {id(p) for p in model.totals.parameters()}  # no gradient from the loss
     grads = [
         p.grad
-        for a in registry(model).adapters.values()
+        for a in model.adapters.values()
         for p in a.parameters()
         if id(p) not in fitted_apart
     ]
@@ -244,10 +241,10 @@ def test_adapters_train_under_bfloat16_autocast():
 
 
 def test_conditioning_biases_the_layers_of_its_class_only():
-    model = base_model()
-    attach(model, PB_GAMMA)
+    model = AdaptedModel(base_model())
+    model.add_adapter(PB_GAMMA)
     before = {c: logits(model, [c] * 2) for c in ("G4_Pb:gamma", "G4_Ta:gamma")}
-    modules = registry(model).adapters["G4_Pb:gamma"].parts["condition"]
+    modules = model.adapter("G4_Pb:gamma").parts["condition"]
     bias = torch.arange(DET.n_layers, dtype=torch.float32)
     with torch.no_grad():
         modules["condition.layer_logits"].bias.copy_(bias)
@@ -288,20 +285,19 @@ def test_conditioning_biases_the_layers_of_its_class_only():
     ],
 )
 def test_adapters_that_would_touch_other_classes_are_refused(configs, message):
-    model = base_model()
-    h = model_hash(model)
+    model = AdaptedModel(base_model())
+    h = model.base_hash
     with pytest.raises(CalofmError, match=message):
         for config in configs:
-            attach(model, config)
-    for name in list(registry(model).adapters):
-        detach(model, name)
-    assert model.classes == BASE and model_hash(model) == h
+            model.add_adapter(config)
+    base = model.unload()
+    assert base.classes == BASE and model_hash(base) == h
 
 
-def test_a_particle_adapter_cannot_be_detached_from_under_its_expert():
+def test_a_particle_adapter_cannot_be_removed_from_under_its_expert():
     model = trained(base_model(), W_ELECTRON, PB_ELECTRON)
-    with pytest.raises(CalofmError, match="detach those first"):
-        detach(model, "G4_W:e-")
+    with pytest.raises(CalofmError, match="remove those first"):
+        model.remove_adapter("G4_W:e-")
 
 
 def test_config_validation():
@@ -319,8 +315,8 @@ def test_config_validation():
 # ---- files --------------------------------------------------------------------------------------
 
 
-def saved(tmp_path, model: CaloFM, *configs: AdapterConfig) -> list:
-    base_dir = save_model(model, tmp_path / "base", {})
+def saved(tmp_path, model: AdaptedModel, *configs: AdapterConfig) -> list:
+    base_dir = save_model(model.base, tmp_path / "base", {})
     dirs = []
     trained(model, *configs)
     for config in configs:
@@ -329,7 +325,7 @@ def saved(tmp_path, model: CaloFM, *configs: AdapterConfig) -> list:
 
 
 def test_save_load_round_trip_reproduces_every_class_exactly(tmp_path):
-    model = base_model()
+    model = AdaptedModel(base_model())
     base_dir, pb, w_e, pb_e = saved(tmp_path, model, PB_GAMMA, W_ELECTRON, PB_ELECTRON)
     loaded = load_model_with_adapters(base_dir, [pb_e, pb, w_e])  # dependencies go first
     assert sorted(loaded.classes) == sorted(model.classes)
@@ -341,7 +337,7 @@ def test_save_load_round_trip_reproduces_every_class_exactly(tmp_path):
     assert manifest["kind"] == "particle+expert" and manifest["particle"] == "e-"
     assert manifest["config"]["rank"] == 4 and manifest["lora_scale"] == pytest.approx(4.0)
     assert manifest["base_weights_sha256"] == base_manifest["weights_sha256"]
-    counts = registry(model).adapters["G4_W:e-"].counts()
+    counts = model.adapter("G4_W:e-").counts()
     n = model.config.n_blocks
     base_heads = [model.spatial_head.base, model.energy_head]
     heads = sum(p.numel() for head in base_heads for p in head.parameters(recurse=True))
@@ -355,36 +351,36 @@ def test_save_load_round_trip_reproduces_every_class_exactly(tmp_path):
 
 
 def test_adapters_for_another_base_model_or_without_their_base_adapter_are_refused(tmp_path):
-    model = base_model()
+    model = AdaptedModel(base_model())
     _, pb, w_e, pb_e = saved(tmp_path, model, PB_GAMMA, W_ELECTRON, PB_ELECTRON)
-    other = base_model(seed=1)
+    other = AdaptedModel(base_model(seed=1))
     with pytest.raises(CalofmError, match="another base model"):
         load_adapters(other, [pb])
     with pytest.raises(CalofmError, match="trained on top of adapter G4_W:e-"):
-        load_adapters(base_model(), [pb_e])
-    fresh = base_model()
+        load_adapters(AdaptedModel(base_model()), [pb_e])
+    fresh = AdaptedModel(base_model())
     with pytest.raises(CalofmError, match="given twice"):
         load_adapters(fresh, [pb, pb])
     assert fresh.classes == BASE
 
 
 def test_a_tampered_adapter_file_is_refused_and_leaves_the_model_as_it_was(tmp_path):
-    model = base_model()
+    model = AdaptedModel(base_model())
     _, pb, w_e = saved(tmp_path, model, PB_GAMMA, W_ELECTRON)
     manifest = read_manifest(w_e)
     manifest["config"]["rank"] = 8  # the tensors are rank 4
     (w_e / "adapter.json").write_text(json.dumps(manifest))
-    fresh = base_model()
+    fresh = AdaptedModel(base_model())
     h = model_hash(fresh)
     with pytest.raises(CalofmError, match="lora.A is torch.float32 \\(4, 32\\), the model expects"):
         load_adapters(fresh, [w_e])
-    assert fresh.classes == BASE and model_hash(fresh) == h and not registry(fresh).adapters
+    assert fresh.classes == BASE and model_hash(fresh) == h and not fresh.adapters
     from safetensors.torch import load_file, save_file
 
     tensors = load_file(pb / TENSORS_FILE)
     tensors["blocks.0.expert.fc1.bias"][0] += 1.0
     save_file(tensors, pb / TENSORS_FILE)
-    fresh = base_model()
+    fresh = AdaptedModel(base_model())
     with pytest.raises(CalofmError, match="do not match the manifest's hash"):
         load_adapters(fresh, [pb])
     assert fresh.classes == BASE
@@ -408,8 +404,8 @@ def showers_of(model, classes, seed=7):
 def test_a_stage_trains_only_its_adapter_and_generation_of_old_classes_is_unchanged(
     tmp_path, capsys
 ):
-    model = base_model()
-    h = model_hash(model)
+    model = AdaptedModel(base_model())
+    h = model.base_hash
     before = showers_of(model, BASE)
     config = TrainConfig(max_steps=3, batch_size=8, lr=1e-2, warmup_steps=0)
     expert_before = [b.experts.ffn[1].fc1.weight.clone() for b in model.blocks]
@@ -427,9 +423,9 @@ def test_a_stage_trains_only_its_adapter_and_generation_of_old_classes_is_unchan
     out = capsys.readouterr().out
     assert f"{result.counts['total']:,} trainable parameters" in out
     assert result.counts["total"] == sum(
-        p.numel() for p in registry(model).adapters["G4_Pb:gamma"].parameters()
+        p.numel() for p in model.adapter("G4_Pb:gamma").parameters()
     )
-    assert base_weights_hash(model) == h
+    assert model.base_weights_hash() == h
     trained_expert = [b.experts.ffn[2].fc1.weight for b in model.blocks]
     assert not any(torch.equal(a, b) for a, b in zip(expert_before, trained_expert, strict=True))
     after = showers_of(model, BASE)
@@ -487,17 +483,17 @@ def test_an_interrupted_stage_resumes_to_the_same_adapter(tmp_path):
     data = [toy_file(tmp_path, "G4_W", "e-")]
     config = TrainConfig(epochs=2, batch_size=4, lr=1e-2, warmup_steps=0)
     kwargs = dict(n_events=8, val_fraction=0.2, device="cpu", progress=False)
-    whole = base_model()
+    whole = AdaptedModel(base_model())
     run_stage(whole, W_ELECTRON, data, config, tmp_path / "a", **kwargs)
     stopped = run_stage(
-        base_model(), W_ELECTRON, data, config, tmp_path / "b", should_stop=lambda s: s == 3,
+        AdaptedModel(base_model()), W_ELECTRON, data, config, tmp_path / "b", should_stop=lambda s: s == 3,
         **kwargs,
     )  # fmt: skip
     assert stopped.train.interrupted and (tmp_path / "b" / "checkpoints").is_dir()
-    resumed = base_model()
+    resumed = AdaptedModel(base_model())
     run_stage(resumed, W_ELECTRON, data, config, tmp_path / "b", resume=True, **kwargs)
-    want = registry(whole).adapters["G4_W:e-"].tensors()
-    got = registry(resumed).adapters["G4_W:e-"].tensors()
+    want = whole.adapter("G4_W:e-").tensors()
+    got = resumed.adapter("G4_W:e-").tensors()
     assert all(torch.equal(got[k], v) for k, v in want.items())
     assert (
         read_manifest(tmp_path / "b")["adapter_sha256"]

@@ -46,7 +46,9 @@ def test_extend_adapt_particle_stack_and_list(tmp_path, base_dir, capsys):
     model = load_model_with_adapters(base_dir, [pb_e, pb, w_e])
     assert model.classes == [*BASE, "G4_Pb:gamma", "G4_W:e-", "G4_Pb:e-"]
     base = CaloFM(preset("tiny"), TOKENS, DET, BASE)
-    base.load_state_dict({k: v for k, v in model.state_dict().items() if k in base.state_dict()})
+    base.load_state_dict(
+        {k: v for k, v in model.base.state_dict().items() if k in base.state_dict()}
+    )
     assert (
         model_hash(base)
         == json.loads((tmp_path / "base" / "manifest.json").read_text())["weights_sha256"]

@@ -68,6 +68,21 @@ def test_same_command_same_showers_and_an_interrupted_run_resumes(model_dir, tmp
     )
 
 
+def test_material_without_the_g4_prefix_gives_the_same_showers(model_dir, tmp_path):
+    """--material Pb names the class G4_Pb:gamma, as in simulate, train, extend and study."""
+    assert main(command(model_dir, tmp_path / "long.h5")) == 0
+    short = command(model_dir, tmp_path / "short.h5")
+    short[short.index("G4_Pb")] = "Pb"
+    assert main(short) == 0
+    a, b = read_all(tmp_path / "long.h5"), read_all(tmp_path / "short.h5")
+    np.testing.assert_array_equal(a.offsets, b.offsets)
+    np.testing.assert_array_equal(a.voxels, b.voxels)
+    np.testing.assert_array_equal(a.energies, b.energies)
+    info = file_info(tmp_path / "short.h5")
+    assert info.detector.material == "G4_Pb"
+    assert info.metadata["generator"]["class"] == "G4_Pb:gamma"
+
+
 def test_unknown_class_lists_the_model_classes(model_dir, tmp_path, capsys):
     cmd = command(model_dir, tmp_path / "x.h5")
     cmd[cmd.index("G4_Pb")] = "G4_Ta"

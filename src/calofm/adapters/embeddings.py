@@ -1,7 +1,7 @@
 """Adapters on the embedded inputs: per-particle bottlenecks and per-class layer-embedding shifts.
 
-They replace the model's ``embed_hook`` (an identity in the base model) and act on their own rows
-only. Both start at zero: a bottleneck's up-projection is zero, a shift table is zero.
+They sit at the base model's embedding seam (``CaloFM.embed_adapters``, None in a base model) and
+act on their own rows only. Both start at zero: a bottleneck's up-projection is zero, a shift table is zero.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from calofm.adapters.rows import active, add_rows, take
+from calofm.adapters.rows import Sites, active, add_rows, take
 from calofm.errors import CalofmError
-from calofm.model.experts import EmbeddingHook, Routing
+from calofm.model.experts import Routing
 from calofm.model.transformer import CaloFM
 
 
@@ -40,7 +40,6 @@ class StreamBottlenecks(nn.Module):
         self.spatial = Bottleneck(d, width, generator)
         self.energy = Bottleneck(d, width, generator)
         self.incident = Bottleneck(d, width, generator)
-        self.enabled = True
 
 
 class LayerEmbedShift(nn.Module):
@@ -49,14 +48,20 @@ class LayerEmbedShift(nn.Module):
     def __init__(self, n_layers: int, d: int):
         super().__init__()
         self.table = nn.Parameter(torch.zeros(n_layers + 1, d))
-        self.enabled = True
 
 
-class EmbeddingAdapters(EmbeddingHook):
-    def __init__(self, layer_of_token: torch.Tensor):
+class EmbeddingAdapters(nn.Module):
+    """Per-particle bottlenecks and per-class layer shifts of the embedded streams.
+
+    Gets the spatial and energy streams (B, t, d), the incident embedding (B, 1, d) (None on decode
+    steps after the first) and the spatial ids (B, t), before the incident is prepended.
+    """
+
+    def __init__(self, layer_of_token: torch.Tensor, off: set[str]):
         super().__init__()
         self.particle = nn.ModuleDict()
         self.layer_shift = nn.ModuleDict()
+        self.off = off
         self.register_buffer("layer_of_token", layer_of_token, persistent=False)
 
     def forward(
@@ -67,29 +72,34 @@ class EmbeddingAdapters(EmbeddingHook):
         spatial: torch.Tensor,
         routing: Routing,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        for particle, rows in active(routing.by_particle, self.particle):
+        for particle, rows in active(routing.by_particle, self.particle, self.off):
             b = self.particle[particle]
             xs = add_rows(xs, rows, b.spatial(take(xs, rows)))
             xe = add_rows(xe, rows, b.energy(take(xe, rows)))
             if xi is not None:
                 xi = add_rows(xi, rows, b.incident(take(xi, rows)))
-        for name, rows in active(routing.by_class, self.layer_shift, routing.classes):
+        for name, rows in active(routing.by_class, self.layer_shift, self.off, routing.classes):
             layers = self.layer_of_token[take(spatial, rows)]
             xs = add_rows(xs, rows, self.layer_shift[name].table[layers].to(xs.dtype))
         return xs, xe, xi
 
 
-def embedding_adapters(model: CaloFM) -> EmbeddingAdapters:
-    """The model's embedding hook, replaced by an EmbeddingAdapters on first use."""
-    if not isinstance(model.embed_hook, EmbeddingAdapters):
-        model.embed_hook = EmbeddingAdapters(model.geometry[:, 0].clone())
-    return model.embed_hook
+def embedding_adapters(model: CaloFM, sites: Sites) -> EmbeddingAdapters:
+    """The adapters at the model's embedding seam, put there on first use."""
+    layers = model.geometry[:, 0].clone()
+    return sites.routed(
+        model, "embed_adapters", EmbeddingAdapters, lambda _: EmbeddingAdapters(layers, sites.off)
+    )
 
 
 def add_bottlenecks(
-    model: CaloFM, particle: str, width: int, generator: torch.Generator | None = None
+    model: CaloFM,
+    sites: Sites,
+    particle: str,
+    width: int,
+    generator: torch.Generator | None = None,
 ) -> nn.Module:
-    hook = embedding_adapters(model)
+    hook = embedding_adapters(model, sites)
     if particle in hook.particle:
         raise CalofmError(f"model already has embedding bottlenecks for particle {particle}")
     ref = model.spatial_embed.weight
@@ -97,8 +107,8 @@ def add_bottlenecks(
     return hook.particle[particle]
 
 
-def add_layer_shift(model: CaloFM, class_name: str) -> nn.Module:
-    hook = embedding_adapters(model)
+def add_layer_shift(model: CaloFM, sites: Sites, class_name: str) -> nn.Module:
+    hook = embedding_adapters(model, sites)
     if class_name in hook.layer_shift:
         raise CalofmError(f"model already has a layer-embedding shift for class {class_name}")
     shift = LayerEmbedShift(model.detector.n_layers, model.config.d_model)
@@ -107,7 +117,7 @@ def add_layer_shift(model: CaloFM, class_name: str) -> nn.Module:
 
 
 def remove_embedding_adapters(model: CaloFM, particle: str | None, class_name: str | None) -> None:
-    hook = model.embed_hook
+    hook = model.embed_adapters
     if not isinstance(hook, EmbeddingAdapters):
         return
     if particle is not None and particle in hook.particle:

@@ -12,6 +12,7 @@ from torch import nn
 
 from calofm.adapters.embeddings import add_layer_shift, remove_embedding_adapters
 from calofm.adapters.heads import add_layer_logit_bias, remove_layer_logit_bias
+from calofm.adapters.rows import Sites
 from calofm.model.transformer import CaloFM
 
 
@@ -37,10 +38,10 @@ def remove_expert(model: CaloFM, class_name: str) -> None:
     del model.classes[k]
 
 
-def add_conditioning(model: CaloFM, class_name: str) -> dict[str, nn.Module]:
+def add_conditioning(model: CaloFM, sites: Sites, class_name: str) -> dict[str, nn.Module]:
     return {
-        "condition.layer_embed": add_layer_shift(model, class_name),
-        "condition.layer_logits": add_layer_logit_bias(model, class_name),
+        "condition.layer_embed": add_layer_shift(model, sites, class_name),
+        "condition.layer_logits": add_layer_logit_bias(model, sites, class_name),
     }
 
 

@@ -15,13 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from calofm.adapters.rows import active
+from calofm.adapters.rows import Sites, active
 from calofm.errors import CalofmError
 from calofm.model.experts import RoutedLinear, Routing
 from calofm.model.heads import VoxelHead
 from calofm.model.transformer import CaloFM
-
-HEADS = ("spatial_head", "energy_head")
 
 
 class ParticleHead(nn.Linear):
@@ -32,7 +30,12 @@ class ParticleHead(nn.Linear):
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight = nn.Parameter(base.weight.detach().clone())
         self.bias = nn.Parameter(base.bias.detach().clone())
-        self.enabled = True
+
+    def merged(self) -> RoutedLinear:
+        """A plain energy head with this head's weights (for every row)."""
+        out = RoutedLinear(self.in_features, self.out_features).to(self.weight)
+        out.load_state_dict(self.state_dict())
+        return out
 
 
 def particle_voxel_head(base: VoxelHead) -> VoxelHead:
@@ -40,7 +43,6 @@ def particle_voxel_head(base: VoxelHead) -> VoxelHead:
     head = copy.deepcopy(base)
     for p in head.parameters():
         p.data = p.data.clone()
-    head.enabled = True
     return head
 
 
@@ -53,17 +55,17 @@ class LayerLogitBias(nn.Module):
     def __init__(self, n_layers: int):
         super().__init__()
         self.bias = nn.Parameter(torch.zeros(n_layers))
-        self.enabled = True
 
 
 class RoutedHead(RoutedLinear):
     """The base energy head (the same parameters) plus particle heads."""
 
-    def __init__(self, base: RoutedLinear):
+    def __init__(self, base: RoutedLinear, off: set[str]):
         nn.Module.__init__(self)
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias
         self.particle = nn.ModuleDict()
+        self.off = off
 
     def _base(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
@@ -71,7 +73,7 @@ class RoutedHead(RoutedLinear):
     def forward(self, x: torch.Tensor, routing: Routing | None = None) -> torch.Tensor:
         if routing is None:
             return self._base(x)
-        heads = dict(active(routing.by_particle, self.particle))
+        heads = dict(active(routing.by_particle, self.particle, self.off))
         if not heads:
             return self._base(x)
         return routing.by_particle.apply(
@@ -86,7 +88,7 @@ class RoutedVoxelHead(nn.Module):
     model's base tensors keep their names (and their hash) when the head is wrapped.
     """
 
-    def __init__(self, base: VoxelHead, n_layers: int):
+    def __init__(self, base: VoxelHead, n_layers: int, off: set[str]):
         super().__init__()
         self._base = (base,)  # a tuple: not a sub-module, its tensors are registered below
         for name, param in base.named_parameters(recurse=False):
@@ -96,6 +98,7 @@ class RoutedVoxelHead(nn.Module):
         self.n_layers = n_layers
         self.particle = nn.ModuleDict()
         self.layer_bias = nn.ModuleDict()
+        self.off = off
 
     @property
     def base(self) -> VoxelHead:
@@ -105,7 +108,7 @@ class RoutedVoxelHead(nn.Module):
         """(B, layers) bias of each row's class, or None when no class of the batch has one."""
         if routing is None:
             return None
-        found = active(routing.by_class, self.layer_bias, routing.classes)
+        found = active(routing.by_class, self.layer_bias, self.off, routing.classes)
         if not found:
             return None
         ref = next(iter(self.layer_bias.values())).bias
@@ -124,7 +127,9 @@ class RoutedVoxelHead(nn.Module):
         *tensors: torch.Tensor | None,
     ) -> torch.Tensor:
         """``fn(head, *rows of tensors)`` with each particle's rows on its head."""
-        heads = {} if routing is None else dict(active(routing.by_particle, self.particle))
+        heads = (
+            {} if routing is None else dict(active(routing.by_particle, self.particle, self.off))
+        )
         if not heads:
             return fn(self.base, *tensors)
         return routing.by_particle.apply_many(
@@ -136,9 +141,18 @@ class RoutedVoxelHead(nn.Module):
         h: torch.Tensor,
         layer_bias: torch.Tensor | None = None,
         routing: Routing | None = None,
+        used: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        if used is None:
+            return self._routed(
+                routing, lambda head, h, bias: head.scores(h, bias), h, self._layer_bias(routing)
+            )
         return self._routed(
-            routing, lambda head, h, bias: head.scores(h, bias), h, self._layer_bias(routing)
+            routing,
+            lambda head, h, bias, used: head.scores(h, bias, used=used),
+            h,
+            self._layer_bias(routing),
+            used,
         )
 
     def log_prob(
@@ -186,20 +200,19 @@ class RoutedVoxelHead(nn.Module):
         self.base.never_end()
 
 
-def routed_energy_head(model: CaloFM) -> RoutedHead:
-    if not isinstance(model.energy_head, RoutedHead):
-        model.energy_head = RoutedHead(model.energy_head)
-    return model.energy_head
+def routed_energy_head(model: CaloFM, sites: Sites) -> RoutedHead:
+    return sites.routed(model, "energy_head", RoutedHead, lambda b: RoutedHead(b, sites.off))
 
 
-def routed_voxel_head(model: CaloFM) -> RoutedVoxelHead:
-    if not isinstance(model.spatial_head, RoutedVoxelHead):
-        model.spatial_head = RoutedVoxelHead(model.spatial_head, model.detector.n_layers)
-    return model.spatial_head
+def routed_voxel_head(model: CaloFM, sites: Sites) -> RoutedVoxelHead:
+    n_layers = model.detector.n_layers
+    return sites.routed(
+        model, "spatial_head", RoutedVoxelHead, lambda b: RoutedVoxelHead(b, n_layers, sites.off)
+    )
 
 
-def add_particle_heads(model: CaloFM, particle: str) -> dict[str, nn.Module]:
-    spatial, energy = routed_voxel_head(model), routed_energy_head(model)
+def add_particle_heads(model: CaloFM, sites: Sites, particle: str) -> dict[str, nn.Module]:
+    spatial, energy = routed_voxel_head(model, sites), routed_energy_head(model, sites)
     if particle in spatial.particle or particle in energy.particle:
         raise CalofmError(f"model already has heads for particle {particle}")
     spatial.particle[particle] = particle_voxel_head(spatial.base)
@@ -213,8 +226,8 @@ def remove_particle_heads(model: CaloFM, particle: str) -> None:
             del head.particle[particle]
 
 
-def add_layer_logit_bias(model: CaloFM, class_name: str) -> nn.Module:
-    head = routed_voxel_head(model)
+def add_layer_logit_bias(model: CaloFM, sites: Sites, class_name: str) -> nn.Module:
+    head = routed_voxel_head(model, sites)
     if class_name in head.layer_bias:
         raise CalofmError(f"model already has a layer bias for class {class_name}")
     ref = model.energy_head.weight

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from calofm.adapters.rows import active, add_rows, take
+from calofm.adapters.rows import Sites, active, add_rows, take
 from calofm.errors import CalofmError
 from calofm.model.experts import RoutedLinear, Routing
 from calofm.model.transformer import CaloFM
@@ -36,32 +36,45 @@ class LoRA(nn.Module):
         self.B = nn.Parameter(torch.zeros(d_out, rank))
         nn.init.kaiming_uniform_(self.A, a=math.sqrt(5), generator=generator)  # as nn.Linear
         self.scale = alpha / math.sqrt(rank)
-        self.enabled = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(F.linear(x, self.A), self.B) * self.scale
+
+    def delta_weight(self) -> torch.Tensor:
+        """``s * B A``: the update folded into the base weight when merging."""
+        return (self.B @ self.A) * self.scale
 
 
 class LoRALinear(RoutedLinear):
     """A base projection (the same parameters) plus one LoRA per particle."""
 
-    def __init__(self, base: RoutedLinear):
+    def __init__(self, base: RoutedLinear, off: set[str]):
         nn.Module.__init__(self)
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias
         self.lora = nn.ModuleDict()
+        self.off = off
 
     def forward(self, x: torch.Tensor, routing: Routing | None = None) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
         if routing is None or not len(self.lora):
             return y
-        for particle, rows in active(routing.by_particle, self.lora):
+        for particle, rows in active(routing.by_particle, self.lora, self.off):
             y = add_rows(y, rows, self.lora[particle](take(x, rows)))
         return y
+
+    def merged(self, particle: str) -> RoutedLinear:
+        """A plain projection with ``particle``'s LoRA folded into its weight (for every row)."""
+        out = RoutedLinear(self.in_features, self.out_features).to(self.weight)
+        with torch.no_grad():
+            out.weight.copy_(self.weight + self.lora[particle].delta_weight())
+            out.bias.copy_(self.bias)
+        return out
 
 
 def add_lora(
     model: CaloFM,
+    sites: Sites,
     particle: str,
     rank: int,
     alpha: float,
@@ -71,10 +84,7 @@ def add_lora(
     out: dict[str, nn.Module] = {}
     for i, block in enumerate(model.blocks):
         for name in PROJECTIONS:
-            proj = getattr(block.attn, name)
-            if not isinstance(proj, LoRALinear):
-                proj = LoRALinear(proj)
-                setattr(block.attn, name, proj)
+            proj = sites.routed(block.attn, name, LoRALinear, lambda b: LoRALinear(b, sites.off))
             if particle in proj.lora:
                 raise CalofmError(f"model already has a LoRA for particle {particle}")
             lora = LoRA(proj.in_features, proj.out_features, rank, alpha, generator)

@@ -1,4 +1,4 @@
-"""One adaptation stage: attach a new adapter, train only it with the shared trainer, save only it.
+"""One adaptation stage: add a new adapter, train only it with the shared trainer, save only it.
 
 Before and after training the stage records the logits of every class the model had before, on
 one fixed random batch per class; with the base-weight hash this proves, at run time, that the
@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from calofm.adapters.attach import attach, check_base, detach, registry
 from calofm.adapters.config import AdapterConfig
 from calofm.adapters.files import save_adapter
+from calofm.adapters.model import AdaptedModel
 from calofm.data.batches import TokenDataset
 from calofm.errors import CalofmError
 from calofm.model.conditions import Conditions
@@ -38,7 +38,7 @@ class StageResult:
 
 
 def stage_datasets(
-    model: CaloFM,
+    model: CaloFM | AdaptedModel,
     class_name: str,
     paths: list[str],
     *,
@@ -60,7 +60,7 @@ def stage_datasets(
 
 
 @torch.no_grad()
-def class_probe(model: CaloFM, classes: list[str]) -> list[torch.Tensor]:
+def class_probe(model: CaloFM | AdaptedModel, classes: list[str]) -> list[torch.Tensor]:
     """Logits of each class on one fixed random batch (one class per forward pass), and its
     totals model's mixture where the model has one."""
     tok = model.tokenizer
@@ -87,7 +87,7 @@ def class_probe(model: CaloFM, classes: list[str]) -> list[torch.Tensor]:
 
 
 def run_stage(
-    model: CaloFM,
+    model: AdaptedModel,
     config: AdapterConfig,
     paths: list[str],
     train_config: TrainConfig,
@@ -103,7 +103,7 @@ def run_stage(
     should_stop: Callable[[int], bool] | None = None,
     progress: bool = True,
 ) -> StageResult:
-    """Attach ``config``'s adapter to ``model`` (on the CPU), train it on ``paths``, save it.
+    """Add ``config``'s adapter to ``model`` (on the CPU), train it on ``paths``, save it.
 
     The new adapter is initialised from ``train_config.seed``; the training subset is drawn with
     ``data_seed`` (default: the same seed), so repeats can differ in seed yet keep disjoint
@@ -115,11 +115,9 @@ def run_stage(
     model.to("cpu")
     known = list(model.classes)
     before = class_probe(model, known)
-    others = [
-        {"name": a.config.name, "sha256": a.sha256} for a in registry(model).adapters.values()
-    ]
+    others = [{"name": a.config.name, "sha256": a.sha256} for a in model.adapters.values()]
     generator = torch.Generator().manual_seed(train_config.seed)
-    adapter = attach(model, config, generator=generator)
+    adapter = model.add_adapter(config, generator=generator)
     try:
         if config.class_name is None:
             raise CalofmError("a stage trains an adapter with an expert part (it needs a class)")
@@ -133,7 +131,7 @@ def run_stage(
             repeat=repeat,
         )
     except Exception:
-        detach(model, config.name)
+        model.remove_adapter(config.name)
         raise
     counts = {**adapter.counts(), "model_total": sum(p.numel() for p in model.parameters())}
     parts = ", ".join(f"{k} {v:,}" for k, v in counts.items() if k not in ("total", "model_total"))
@@ -153,7 +151,7 @@ def run_stage(
         "adapters_present": others,
     }
     result = train(
-        model,
+        model.base,  # the adapters act from inside it; its checkpoints keep the base's names
         train_set,
         val_set,
         train_config,
@@ -162,12 +160,12 @@ def run_stage(
         provenance=prov,
         resume=resume,
         device=device,
-        save=lambda m, d, p: save_adapter(m, config.name, d, p),
+        save=lambda _, d, p: save_adapter(model, config.name, d, p),
         should_stop=should_stop,
         progress=progress,
     )
     model.to("cpu")
-    check_base(model)
+    model.check_base()
     after = class_probe(model, known)
     if not all(torch.equal(a, b) for a, b in zip(before, after, strict=True)):
         raise CalofmError("the stage changed the outputs of classes it should not touch")

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import signal
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from calofm.errors import CalofmError
 
@@ -92,3 +96,88 @@ def add_budget_options(parser: argparse.ArgumentParser) -> None:
     budget.add_argument("--epochs", type=positive_int)
     budget.add_argument("--max-steps", type=positive_int)
     budget.add_argument("--time-limit", type=positive_float, metavar="MINUTES")
+
+
+DEVICE_HELP = "cpu, cuda, cuda:N or auto (default: cuda when available)"
+
+
+def add_selection_options(
+    parser: argparse.ArgumentParser, *, per_class: bool, val_fraction: float | None
+) -> None:
+    """--n-events, --repeat, --val-fraction and --seed: which showers train and validate."""
+    data = parser.add_argument_group("data selection")
+    data.add_argument(
+        "--n-events",
+        type=positive_int,
+        metavar="N",
+        help="training showers per class (default all)" if per_class else "training showers (all)",
+    )
+    data.add_argument(
+        "--repeat",
+        type=non_negative_int,
+        default=0,
+        help="which subset of N for this seed: disjoint while the data allows, else bootstrapped",
+    )
+    data.add_argument(
+        "--val-fraction",
+        type=fraction,
+        default=val_fraction,
+        help="showers held out for validation"
+        + (" per class" if per_class else "")
+        + f" (default {0.05 if val_fraction is None else val_fraction})",
+    )
+    data.add_argument(
+        "--seed", type=non_negative_int, default=0, help="data split, subsets, batches, init"
+    )
+
+
+def add_optimisation_options(
+    parser: argparse.ArgumentParser, *, title: str, out: str, what: str, defaults: dict[str, str]
+) -> argparse._ArgumentGroup:
+    """--lr, --warmup, --amp, --device, --resume and --overwrite, in a group the caller may add
+    its batch-size options to. ``defaults`` gives the help's default of lr and warmup, if any."""
+    opt = parser.add_argument_group(title)
+    opt.add_argument(
+        "--lr", type=positive_float, help="peak learning rate (AdamW)" + defaults.get("lr", "")
+    )
+    opt.add_argument(
+        "--warmup", type=non_negative_int, metavar="STEPS", help=defaults.get("warmup")
+    )
+    opt.add_argument("--amp", action="store_true", help="bfloat16 autocast (default fp32)")
+    opt.add_argument("--device", help=DEVICE_HELP)
+    opt.add_argument("--resume", action="store_true", help=f"continue from {out}/checkpoints")
+    opt.add_argument(
+        "--overwrite", action="store_true", help=f"replace {what} or training run in {out}"
+    )
+    return opt
+
+
+def command_line() -> str:
+    """The command as typed, for the provenance of what it writes."""
+    return " ".join(["calofm", *sys.argv[1:]])
+
+
+@contextmanager
+def stop_on_signal(announce: bool = True) -> Iterator[Callable[[int], bool]]:
+    """Ctrl-C (or SIGTERM) asks the trainer to checkpoint and stop after the step; twice aborts.
+
+    Yields the trainer's ``should_stop``; ``announce`` says so on stderr (rank 0 under torchrun).
+    """
+    stop = {"requested": False}
+
+    def request(signum: int, frame: object) -> None:
+        if stop["requested"]:
+            raise KeyboardInterrupt
+        stop["requested"] = True
+        if announce:
+            print(
+                "\nstopping after this step and writing a checkpoint (again to abort)",
+                file=sys.stderr,
+            )
+
+    previous = {s: signal.signal(s, request) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield lambda step: stop["requested"]
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)

@@ -53,7 +53,7 @@ def generate_all(plan: Plan) -> None:
     """Every class in one mixed call, into one showerdata file per class."""
     from tqdm import tqdm
 
-    from calofm.adapters import describe, load_model_with_adapters
+    from calofm.adapters import load_model_with_adapters
     from calofm.data.formats import write_showers
     from calofm.generation.sampler import SamplingConfig
     from calofm.model.config import parse_class
@@ -62,7 +62,7 @@ def generate_all(plan: Plan) -> None:
     s = plan.scale
     model_dir = str(resolve_model(plan.model).resolve())
     model = load_model_with_adapters(model_dir, [str(plan.expert)], "cpu")
-    composition = describe(model)
+    composition = model.describe()
     max_hits = s.max_hits or model.tokenizer.max_hits
     n_total = s.n_test * len(plan.classes)
     batches = plan.out / "calofm" / "batches"

@@ -12,8 +12,12 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from calofm.errors import CalofmError
+
+if TYPE_CHECKING:
+    from calofm.training.distributed import DistEnv
 
 
 @dataclass
@@ -25,11 +29,14 @@ class RunDirPlan:
     remove: list[str] = field(default_factory=list)
     note: str | None = None
 
-    def apply(self) -> bool:
-        """Remove what the plan replaces (once the inputs are known to be good); return resume."""
+    def apply(self, env: DistEnv) -> bool:
+        """Remove what the plan replaces (once the inputs are known to be good); return resume.
+
+        Under torchrun only rank 0 changes files.
+        """
         from calofm.files import remove_outputs
 
-        if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 changes files
+        if env.is_main:
             remove_outputs(self.out, self.remove)
             if self.note:
                 print(self.note, file=sys.stderr)

@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from calofm.cli._args import (
     add_budget_options,
-    fraction,
-    non_negative_int,
-    positive_float,
+    add_optimisation_options,
+    add_selection_options,
+    command_line,
     positive_int,
+    stop_on_signal,
 )
 
 if TYPE_CHECKING:
@@ -39,51 +37,15 @@ def add_stage_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--out", required=True, metavar="ADAPTER_DIR", help="output adapter directory")
     add_budget_options(p)
-    data = p.add_argument_group("data selection")
-    data.add_argument("--n-events", type=positive_int, metavar="N", help="training showers (all)")
-    data.add_argument(
-        "--repeat",
-        type=non_negative_int,
-        default=0,
-        help="which subset of N for this seed: disjoint while the data allows, else bootstrapped",
+    add_selection_options(p, per_class=False, val_fraction=None)
+    opt = add_optimisation_options(
+        p,
+        title="optimisation",
+        out="ADAPTER_DIR",
+        what="an adapter",
+        defaults={"lr": " (default 1e-3)", "warmup": "(default 20)"},
     )
-    data.add_argument(
-        "--val-fraction", type=fraction, help="showers held out for validation (default 0.05)"
-    )
-    data.add_argument(
-        "--seed", type=non_negative_int, default=0, help="data split, subset, batches, init"
-    )
-    opt = p.add_argument_group("optimisation")
     opt.add_argument("--batch-size", type=positive_int, help="showers per step (default 32)")
-    opt.add_argument("--lr", type=positive_float, help="peak learning rate (default 1e-3)")
-    opt.add_argument("--warmup", type=non_negative_int, metavar="STEPS", help="(default 20)")
-    opt.add_argument("--amp", action="store_true", help="bfloat16 autocast (default fp32)")
-    opt.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
-    opt.add_argument("--resume", action="store_true", help="continue from ADAPTER_DIR/checkpoints")
-    opt.add_argument(
-        "--overwrite", action="store_true", help="replace an adapter or training run in ADAPTER_DIR"
-    )
-
-
-@contextmanager
-def _stop_on_signal() -> Iterator[Callable[[int], bool]]:
-    """Ctrl-C (or SIGTERM) asks the trainer to checkpoint and stop after the step; twice aborts."""
-    stop = {"requested": False}
-
-    def request(signum, frame) -> None:
-        if stop["requested"]:
-            raise KeyboardInterrupt
-        stop["requested"] = True
-        print(
-            "\nstopping after this step and writing a checkpoint (again to abort)", file=sys.stderr
-        )
-
-    previous = {s: signal.signal(s, request) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield lambda step: stop["requested"]
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
 
 
 def stage_train_config(
@@ -124,17 +86,17 @@ def run_stage_command(args: argparse.Namespace, stage: str, make_config) -> int:
     )
     env = distributed.setup(args.device)  # joins the process group under torchrun
     try:
-        with _stop_on_signal() as should_stop:
+        with stop_on_signal(env.is_main) as should_stop:
             model = load_model_with_adapters(args.model, args.adapter, "cpu")
             config = make_config(model)
             provenance = {
-                "command": " ".join(["calofm", *sys.argv[1:]]),
+                "command": command_line(),
                 "stage": stage,
                 "base_model": str(args.model),
                 "seed": args.seed,
             }
             ShowerPool.open(expand_paths(args.data))  # refused before an old run is removed
-            resume = out_plan.apply()
+            resume = out_plan.apply(env)
             result = run_stage(
                 model,
                 config,

@@ -86,7 +86,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="SHOWERS_PER_S",
         help="Geant4 showers/s per core measured elsewhere, where geant4-pybind is missing",
     )
-    g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
     g.add_argument("--threads", type=positive_int, help="torch threads (default: torch's choice)")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     g.add_argument("--out", metavar="FILE", help="also write the JSON result to FILE")
@@ -121,11 +121,11 @@ def run_generate(args: argparse.Namespace) -> int:
     from calofm.errors import CalofmError
     from calofm.files import atomic_output, check_output_file
     from calofm.generation.throughput import ThroughputSettings, format_throughput, run_throughput
+    from calofm.training.distributed import resolve_device
 
     if not args.random_weights and args.model is None:
         raise CalofmError("bench generate: give --random-weights, --model DIR, or both")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise CalofmError(f"bench generate: --device {args.device}: CUDA is not available")
+    device = str(resolve_device(args.device))
     if args.out:
         check_output_file(args.out, args.overwrite)
     if args.threads:
@@ -137,7 +137,7 @@ def run_generate(args: argparse.Namespace) -> int:
         steps=args.steps,
         modes=tuple(args.mode) if args.mode else None,
         repeats=args.repeats,
-        device=args.device,
+        device=device,
         model=args.model,
         n_showers=args.showers,
         geant4_showers=args.geant4_showers,

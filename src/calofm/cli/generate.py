@@ -17,7 +17,13 @@ import json
 import sys
 from typing import TYPE_CHECKING
 
-from calofm.cli._args import add_energy_options, energy_bounds, non_negative_int, positive_int
+from calofm.cli._args import (
+    DEVICE_HELP,
+    add_energy_options,
+    energy_bounds,
+    non_negative_int,
+    positive_int,
+)
 
 if TYPE_CHECKING:
     from calofm.generation.sampler import SamplingConfig
@@ -74,7 +80,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="DIR",
         help="adapter directory to load on top of the model (repeatable, any order)",
     )
-    p.add_argument("--material", required=True, help="absorber material, e.g. G4_W")
+    p.add_argument("--material", required=True, help="absorber material, e.g. G4_W (or W)")
     p.add_argument("--particle", required=True, help="particle, e.g. gamma or e-")
     p.add_argument("-n", type=positive_int, required=True, help="number of showers")
     add_energy_options(p)
@@ -120,22 +126,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=positive_int,
         help="longest shower in hits (default: the model tokenizer's max_hits)",
     )
-    p.add_argument(
-        "--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available)"
-    )
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.set_defaults(func=run)
-
-
-def _device(name: str) -> str:
-    import torch
-
-    from calofm.errors import CalofmError
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise CalofmError(f"--device {name}: CUDA is not available")
-    return name
 
 
 def load_generator_model(args: argparse.Namespace, device: str):
@@ -148,11 +140,11 @@ def load_generator_model(args: argparse.Namespace, device: str):
 def run(args: argparse.Namespace) -> int:
     from calofm.files import check_output_file
     from calofm.generation.sampler import SamplingConfig
-    from calofm.particles import pdg_code
+    from calofm.model.config import class_name
     from calofm.training import distributed
 
     lo, hi = energy_bounds(args)
-    pdg_code(args.particle)
+    cls = class_name(args.material, args.particle)  # 'W' or 'G4_W'; the particle checked
     check_output_file(args.out, args.overwrite)
     sampling = SamplingConfig(
         args.temperature,
@@ -161,9 +153,9 @@ def run(args: argparse.Namespace) -> int:
         args.top_p,
         args.unique_voxels,
     )
-    env = distributed.setup(_device(args.device))  # joins the process group under torchrun
+    env = distributed.setup(args.device)  # joins the process group under torchrun
     try:
-        return _run(args, env, lo, hi, sampling)
+        return _run(args, cls, env, lo, hi, sampling)
     finally:
         distributed.teardown(env)
 
@@ -191,24 +183,28 @@ def _gather(env: DistEnv, value: object) -> list:
 
 
 def _run(
-    args: argparse.Namespace, env: DistEnv, lo: float, hi: float, sampling: SamplingConfig
+    args: argparse.Namespace,
+    cls: str,
+    env: DistEnv,
+    lo: float,
+    hi: float,
+    sampling: SamplingConfig,
 ) -> int:
     import numpy as np
     from tqdm import tqdm
 
     from calofm import __version__
-    from calofm.adapters import describe
     from calofm.data.formats import ShowerWriter, file_metadata
     from calofm.data.showers import SparseShowers
     from calofm.errors import CalofmError
     from calofm.files import partial_path
     from calofm.generation.decoder import auto_batch_size, bytes_per_shower
     from calofm.generation.engine import INCIDENT, generate, seeded_rng
-    from calofm.model.config import class_name
+    from calofm.model.config import parse_class
     from calofm.pretrained import resolve_model
 
     model = load_generator_model(args, env.device)
-    cls = class_name(args.material, args.particle)
+    material = parse_class(cls)[0]
     model.class_index(cls)
     tok = model.tokenizer
     max_hits = args.max_hits or tok.max_hits
@@ -230,7 +226,7 @@ def _run(
         )
     incident = seeded_rng(args.seed, INCIDENT).uniform(lo, hi, args.n).astype(np.float32)
 
-    composition = describe(model)
+    composition = model.describe()
     generator = {
         "program": f"calofm {__version__}",
         "model_sha256": composition["base_weights_sha256"],
@@ -244,7 +240,7 @@ def _run(
     signature = hashlib.sha256(
         json.dumps({**generator, "n": args.n}, sort_keys=True).encode()
     ).hexdigest()
-    detector = model.detector.with_material(args.material)
+    detector = model.detector.with_material(material)
     empty = SparseShowers([0], [], [], [], detector=detector, particle=args.particle)
     meta = file_metadata(
         empty,

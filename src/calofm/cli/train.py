@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 
 from calofm.cli._args import (
-    fraction,
+    add_budget_options,
+    add_optimisation_options,
+    add_selection_options,
+    command_line,
     incident_energy,
-    non_negative_int,
-    positive_float,
     positive_int,
+    stop_on_signal,
 )
 
 
@@ -46,41 +47,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "falling_energy=false (repeatable; the options are ModelConfig's fields)",
     )
     p.add_argument("--out", required=True, metavar="MODEL_DIR", help="output model directory")
-    budget = p.add_argument_group("budget (training stops at the first one reached)")
-    budget.add_argument("--epochs", type=positive_int)
-    budget.add_argument("--max-steps", type=positive_int)
-    budget.add_argument("--time-limit", type=positive_float, metavar="MINUTES")
-    data = p.add_argument_group("data selection")
-    data.add_argument(
-        "--n-events",
-        type=positive_int,
-        metavar="N",
-        help="training showers per class (default all)",
+    add_budget_options(p)
+    add_selection_options(p, per_class=True, val_fraction=0.05)
+    opt = add_optimisation_options(
+        p,
+        title="optimisation (defaults from the preset)",
+        out="MODEL_DIR",
+        what="a model",
+        defaults={},
     )
-    data.add_argument(
-        "--repeat",
-        type=non_negative_int,
-        default=0,
-        help="which subset of N for this seed: disjoint while the data allows, else bootstrapped",
-    )
-    data.add_argument(
-        "--val-fraction", type=fraction, default=0.05, help="showers held out per class"
-    )
-    data.add_argument(
-        "--seed", type=non_negative_int, default=0, help="data split, subsets, batches, init"
-    )
-    opt = p.add_argument_group("optimisation (defaults from the preset)")
     size = opt.add_mutually_exclusive_group()
     size.add_argument("--batch-size", type=positive_int, help="showers per optimizer step")
     size.add_argument("--batch-tokens", type=positive_int, help="padded tokens per step and stream")
-    opt.add_argument("--lr", type=positive_float, help="peak learning rate (AdamW)")
-    opt.add_argument("--warmup", type=non_negative_int, metavar="STEPS")
-    opt.add_argument("--amp", action="store_true", help="bfloat16 autocast (default fp32)")
-    opt.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
-    opt.add_argument("--resume", action="store_true", help="continue from MODEL_DIR/checkpoints")
-    opt.add_argument(
-        "--overwrite", action="store_true", help="replace a model or training run in MODEL_DIR"
-    )
     tok = p.add_argument_group("tokenizer (defaults from the preset; edges from the data)")
     tok.add_argument("--energy-scheme", choices=("linear", "log"))
     tok.add_argument("--energy-bins", type=positive_int)
@@ -157,30 +135,17 @@ def run(args: argparse.Namespace) -> int:
                 )
             for message in train_set.messages() + val_set.messages():
                 print(message, flush=True)
-        resume = out_plan.apply()
+        resume = out_plan.apply(env)
         torch.manual_seed(args.seed)
         model = CaloFM(model_config, tok_config, detector, names)
         provenance = {
-            "command": " ".join(["calofm", *sys.argv[1:]]),
+            "command": command_line(),
             "preset": args.preset,
             "model_overrides": args.set,
             "seed": args.seed,
             "data": {c.name: c.selection.provenance for c in classes},
         }
-        stop = {"requested": False}
-
-        def request_stop(signum, frame):
-            if stop["requested"]:
-                raise KeyboardInterrupt
-            stop["requested"] = True
-            if env.is_main:
-                print(
-                    "\nstopping after this step and writing a checkpoint (again to abort)",
-                    file=sys.stderr,
-                )
-
-        previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
+        with stop_on_signal(env.is_main) as should_stop:
             result = train(
                 model,
                 train_set,
@@ -191,11 +156,8 @@ def run(args: argparse.Namespace) -> int:
                 provenance=provenance,
                 resume=resume,
                 device=args.device,
-                should_stop=lambda step: stop["requested"],
+                should_stop=should_stop,
             )
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
     finally:
         distributed.teardown(env)
     if result.interrupted:

@@ -10,7 +10,9 @@ from dataclasses import asdict, dataclass, replace
 from typing import ClassVar
 
 from calofm.configs import FromDict
+from calofm.detector import material_long
 from calofm.errors import CalofmError
+from calofm.particles import pdg_code
 
 VOXEL_HEADS = ("flat", "factorised")
 
@@ -132,10 +134,14 @@ def with_overrides(config: ModelConfig, settings: list[str]) -> ModelConfig:
 
 
 def class_name(material: str, particle: str) -> str:
-    """'G4_W', 'gamma' -> 'G4_W:gamma'."""
+    """'G4_W' or 'W', 'gamma' -> 'G4_W:gamma': the one spelling of a class, for every command.
+
+    The particle must be a known one (its Geant4 name).
+    """
     if not material or not particle or ":" in material or ":" in particle:
         raise CalofmError(f"model: bad material/particle pair {material!r}, {particle!r}")
-    return f"{material}:{particle}"
+    pdg_code(particle)
+    return f"{material_long(material)}:{particle}"
 
 
 def parse_class(name: str) -> tuple[str, str]:

@@ -3,8 +3,9 @@
 Every module that acts differently per row group receives one ``Routing`` object, built once per
 forward pass (or once per generation run). Experts run only on their own rows (gather, run,
 scatter back), so the cost per token does not grow with the number of classes. ``RoutedLinear``
-is a plain linear layer that is handed the routing too, so that adapters (LoRA per particle,
-particle-specific heads) can replace it by a module that acts on only some rows.
+is a plain linear layer that is handed the routing too: it is the interface of the attention
+projections and the heads, which an adapted model (``calofm.adapters``) wraps in modules acting on
+some rows only; the base layer ignores the routing.
 """
 
 from __future__ import annotations
@@ -139,24 +140,6 @@ def prepacked(model: nn.Module, batch_size: int) -> Iterator[int]:
     finally:
         for m in layers:
             m.packed = None
-
-
-class EmbeddingHook(nn.Module):
-    """Identity on the embedded streams; adapters replace it to act on their own rows.
-
-    Gets the spatial and energy streams (B, t, d), the incident embedding (B, 1, d) (None on decode
-    steps after the first) and the spatial ids (B, t), before the incident is prepended.
-    """
-
-    def forward(
-        self,
-        xs: torch.Tensor,
-        xe: torch.Tensor,
-        xi: torch.Tensor | None,
-        spatial: torch.Tensor,
-        routing: Routing,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        return xs, xe, xi
 
 
 class FeedForward(nn.Module):

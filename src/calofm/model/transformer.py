@@ -30,7 +30,7 @@ from calofm.errors import CalofmError
 from calofm.model.attention import Attention, RotaryEmbedding
 from calofm.model.conditions import LOG_HITS_SCALE, LOG_MEV_SCALE, Conditions
 from calofm.model.config import ModelConfig, parse_class
-from calofm.model.experts import EmbeddingHook, Experts, RoutedLinear, Routing
+from calofm.model.experts import Experts, RoutedLinear, Routing
 from calofm.model.heads import voxel_head
 from calofm.model.kv_cache import KVCache
 from calofm.model.sampling import sample
@@ -132,7 +132,8 @@ class CaloFM(nn.Module):
         # Decode-cache state besides the KV cache: the conditions and the energy so far per row.
         self.cached_conditions: Conditions | None = None
         self.deposited: torch.Tensor | None = None
-        self.embed_hook = EmbeddingHook()  # adapters replace it (per-row embedding adapters)
+        # The one seam for adapters of the embedded streams (calofm.adapters.AdaptedModel sets it).
+        self.embed_adapters: nn.Module | None = None
         self.rope = RotaryEmbedding(config)
         self.blocks = nn.ModuleList(
             Block(config, len(classes), cross=(i == 0)) for i in range(config.n_blocks)
@@ -264,7 +265,8 @@ class CaloFM(nn.Module):
         xi = None
         if not start:
             xi = self.incident_embed(cond.incident.to(xs.dtype)[:, None])[:, None, :]
-        xs, xe, xi = self.embed_hook(xs, xe, xi, spatial, routing)
+        if self.embed_adapters is not None:
+            xs, xe, xi = self.embed_adapters(xs, xe, xi, spatial, routing)
         if xi is not None:
             xs, xe = torch.cat([xi, xs], dim=1), torch.cat([xi, xe], dim=1)
         return xs, xe
@@ -365,7 +367,8 @@ class CaloFM(nn.Module):
         if context is not None:
             xs, xe = xs + context, xe + context
         xi = self.incident_embed(cond.incident.to(xs.dtype)[:, None])[:, None, :]
-        xs, xe, xi = self.embed_hook(xs, xe, xi, s, routing)
+        if self.embed_adapters is not None:
+            xs, xe, xi = self.embed_adapters(xs, xe, xi, s, routing)
         first = (pos == 0)[:, None, None]
         x, xe = torch.where(first, xi, xs), torch.where(first, xi, xe)
         for i, block in enumerate(self.blocks):

@@ -35,6 +35,7 @@ from calofm.model.io import load_model
 from calofm.model.transformer import CaloFM
 from calofm.study.figures import FIGURE_DIR, group_label, plot_study_observables
 from calofm.training.config import TrainConfig
+from calofm.training.distributed import resolve_device
 from calofm.training.trainer import CHECKPOINT_DIR, SUMMARY_FILE, train
 
 METHODS = ("expert", "expert+condition", "full")
@@ -214,7 +215,7 @@ def run_finetune_study(
     runs_dir = out_dir / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / STUDY_CONFIG).write_text(settings)
-    gen_device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    gen_device = resolve_device(device)
     base_showers: dict[str, SparseShowers] = {}
     if config.forgetting:
         base = load_model_with_adapters(model_dir, list(config.adapter_dirs), gen_device)

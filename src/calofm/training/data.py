@@ -16,7 +16,7 @@ from calofm.data.showers import SparseShowers
 from calofm.data.subsets import Selection, expand_paths, select_showers
 from calofm.detector import DetectorConfig, material_long
 from calofm.errors import CalofmError
-from calofm.particles import pdg_code
+from calofm.model.config import class_name
 from calofm.tokens import Tokenizer, TokenizerConfig, fit_max_mev
 from calofm.training.config import PresetDefaults
 
@@ -34,8 +34,7 @@ def parse_data_specs(specs: list[str]) -> dict[str, list[str]]:
             raise CalofmError(
                 f"--data {spec!r}: expected MATERIAL:particle=PATH, e.g. G4_W:gamma=showers.h5"
             )
-        pdg_code(particle)
-        out.setdefault(f"{material_long(material)}:{particle}", []).append(path)
+        out.setdefault(class_name(material, particle), []).append(path)
     return out
 
 

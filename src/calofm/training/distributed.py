@@ -32,13 +32,14 @@ class DistEnv:
 
 
 def resolve_device(name: str | None, local_rank: int = 0) -> torch.device:
-    """'cpu', 'cuda', 'cuda:N' or None (CUDA when available); under torchrun CUDA is per process."""
-    if name is None:
+    """'cpu', 'cuda', 'cuda:N', or 'auto' and None (CUDA when available): the one place a device
+    name is read, for every command. Under torchrun a bare 'cuda' is this process's GPU."""
+    if name is None or name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise CalofmError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
+        raise CalofmError(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise CalofmError("CUDA was asked for but is not available")
