@@ -151,6 +151,15 @@ def test_same_seed_same_showers_whatever_the_batch_size_or_split():
     assert not np.array_equal(other[key].voxels, a[key].voxels)
 
 
+def test_generate_leaves_the_callers_model_in_its_mode_and_on_its_device():
+    model = tiny_model().train()
+    first = generate(model, "G4_Pb:gamma", np.full(3, 50.0), seed=1, max_hits=12)[0]
+    assert model.training
+    again = generate(model, "G4_Pb:gamma", np.full(3, 50.0), seed=1, max_hits=12, device="cpu")
+    assert model.training and model.energy_head.weight.device.type == "cpu"
+    np.testing.assert_array_equal(first["G4_Pb:gamma"].voxels, again[0]["G4_Pb:gamma"].voxels)
+
+
 def test_rows_of_different_classes_come_back_per_class():
     model = tiny_model()
     classes = ["G4_W:gamma", "G4_Pb:gamma", "G4_W:gamma", "G4_W:e-"]

@@ -139,7 +139,9 @@ def test_two_process_ddp_run_matches_one_process_with_the_same_global_batch(tmp_
 def test_run_without_validation_saves_the_last_weights(tmp_path, data, capsys):
     out = tmp_path / "m"
     argv = _train_command(data, out) + ["--val-fraction", "0", "--max-steps", "3"]
+    rng = torch.get_rng_state()
     assert main(argv) == 0
+    assert torch.equal(torch.get_rng_state(), rng)  # the model was seeded on a forked generator
     summary = json.loads((out / "training.json").read_text())
     assert summary["step"] == 3 and summary["best_val_loss"] is None
     assert summary["n_val_showers"] == 0

@@ -68,12 +68,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from calofm.cli._rundir import plan_run_dir
     from calofm.errors import CalofmError
     from calofm.model import CaloFM, preset, with_overrides
     from calofm.model.io import MANIFEST_FILE, WEIGHTS_FILE
+    from calofm.model.seeding import seeded_init
     from calofm.tokens import Tokenizer
     from calofm.training import distributed
     from calofm.training.config import TrainConfig, preset_defaults
@@ -136,8 +135,8 @@ def run(args: argparse.Namespace) -> int:
             for message in train_set.messages() + val_set.messages():
                 print(message, flush=True)
         resume = out_plan.apply(env)
-        torch.manual_seed(args.seed)
-        model = CaloFM(model_config, tok_config, detector, names)
+        with seeded_init(args.seed):
+            model = CaloFM(model_config, tok_config, detector, names)
         provenance = {
             "command": command_line(),
             "preset": args.preset,

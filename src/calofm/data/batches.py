@@ -196,11 +196,6 @@ class BucketBatchSampler:
         self.by_class = [np.flatnonzero(self.class_id == c) for c in np.unique(self.class_id)]
         self._counts: dict[int, int] = {}
 
-    @property
-    def epoch_size(self) -> int:
-        """Showers drawn per epoch: every class as many times as the largest class has showers."""
-        return max((len(c) for c in self.by_class), default=0) * len(self.by_class)
-
     def _pool_size(self) -> int:
         if self.batch_size is not None:
             return self.batch_size * self.pool_batches

@@ -37,6 +37,7 @@ from calofm.generation.sampler import SamplingConfig
 from calofm.model.conditions import Conditions
 from calofm.model.config import preset
 from calofm.model.experts import prepacked
+from calofm.model.seeding import seeded_init
 from calofm.model.transformer import CaloFM
 from calofm.tokens import TokenizerConfig
 
@@ -107,7 +108,6 @@ def _median_time(fn: Callable[[], object], repeats: int, warm_up: bool = True) -
 
 def bench_model(config_name: str, n_classes: int, n_bins: int | None) -> CaloFM:
     """A random-weight model that never ends a shower early (EOS logits at -1e9)."""
-    torch.manual_seed(0)
     det = DetectorConfig()
     tok = (
         TokenizerConfig.for_detector(det)
@@ -115,7 +115,8 @@ def bench_model(config_name: str, n_classes: int, n_bins: int | None) -> CaloFM:
         else TokenizerConfig.for_detector(det, n_bins=n_bins)
     )
     classes = [f"G4_M{i}:gamma" for i in range(n_classes)]
-    model = CaloFM(preset(config_name), tok, det, classes).eval()
+    with seeded_init(0):
+        model = CaloFM(preset(config_name), tok, det, classes).eval()
     model.spatial_head.never_end()
     with torch.no_grad():
         model.energy_head.bias[tok.energy_eos] = -1e9

@@ -21,7 +21,8 @@ it started (up to float round-off in batched matrix products).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -184,6 +185,22 @@ def draw_totals(
     return cond.with_totals(*from_point(torch.cat(points), max_hits))
 
 
+@contextmanager
+def _borrowed(model: CaloFM, device: str | torch.device | None) -> Iterator[torch.device]:
+    """``model`` in eval mode (and on ``device``, if given) inside the block; after it, back in
+    the caller's mode and on the caller's device."""
+    was_training = model.training
+    home = model.energy_head.weight.device
+    if device is not None:
+        model.to(device)
+    model.eval()
+    try:
+        yield model.energy_head.weight.device
+    finally:
+        model.train(was_training)
+        model.to(home)
+
+
 def _class_rows(model: CaloFM, classes: str | Sequence[str], n: int) -> list[str]:
     per_row = [classes] * n if isinstance(classes, str) else list(classes)
     if len(per_row) != n:
@@ -220,6 +237,7 @@ def generate(
     ``first_row`` numbers the rows for seeding, so generating rows in several calls gives the same
     showers as one call. Each class is decoded in ``batch_size`` slots; ``continuous`` refills a
     slot as soon as its shower ends, otherwise a batch starts when the previous one has ended.
+    The model runs in eval mode, on ``device`` if given; it is left in its mode and on its device.
     """
     incident_gev = np.asarray(incident_gev, dtype=np.float32).reshape(-1)
     n = len(incident_gev)
@@ -234,90 +252,89 @@ def generate(
     if not np.all(np.isfinite(incident_gev)) or np.any(incident_gev <= 0):
         raise CalofmError("generate: incident energies must be positive and finite")
     sampling = SamplingConfig(temperature, dynamic_temperature, top_k, top_p, unique_voxels)
-    if device is not None:
-        model.to(device)
-    dev = model.energy_head.weight.device
-    model.eval()
-    tokenizer = Tokenizer(model.tokenizer)
-    scaled = tokenizer.scale_incident(incident_gev)
-    class_ids = np.array([model.class_index(c) for c in per_row])
+    with _borrowed(model, device) as dev:
+        tokenizer = Tokenizer(model.tokenizer)
+        scaled = tokenizer.scale_incident(incident_gev)
+        class_ids = np.array([model.class_index(c) for c in per_row])
 
-    showers: dict[int, SparseShowers] = {}
-    stats = dict(n_showers=n, n_hits=0, n_duplicates=0, n_truncated=0, steps=0, max_hits=max_hits)
-    scales: list[float] = []  # drawn over decoded visible energy, per shower with totals
-    t0 = time.perf_counter()
-    rngs: dict[int, np.random.Generator] = {}  # of the showers being decoded
-    visible: dict[int, float] = {}  # their drawn visible energies (models with totals)
+        showers: dict[int, SparseShowers] = {}
+        stats = dict(
+            n_showers=n, n_hits=0, n_duplicates=0, n_truncated=0, steps=0, max_hits=max_hits
+        )
+        scales: list[float] = []  # drawn over decoded visible energy, per shower with totals
+        t0 = time.perf_counter()
+        rngs: dict[int, np.random.Generator] = {}  # of the showers being decoded
+        visible: dict[int, float] = {}  # their drawn visible energies (models with totals)
 
-    def start(slots: np.ndarray, todo: np.ndarray, dec: StaticDecoder) -> None:
-        """Load the showers of rows ``todo`` (one class) into ``slots``."""
-        for r in todo:
-            rngs[r] = seeded_rng(seed, ROWS, first_row + r)
-        uniforms = None
-        if not sampling.greedy:
-            draws = np.stack([rngs[r].random((max_hits + 1, N_UNIFORMS)) for r in todo])
-            uniforms = torch.from_numpy(draws)
-        cond = Conditions(torch.from_numpy(scaled[todo]).to(dev))
-        if model.totals is not None:
-            u = np.stack([seeded_rng(seed, TOTALS, first_row + r).random(3) for r in todo])
-            cond = draw_totals(model, cond, int(class_ids[todo[0]]), u, max_hits)
-            visible.update(zip(todo.tolist(), cond.visible.cpu().tolist(), strict=True))
-        dec.load(slots, cond, uniforms)
+        def start(slots: np.ndarray, todo: np.ndarray, dec: StaticDecoder) -> None:
+            """Load the showers of rows ``todo`` (one class) into ``slots``."""
+            for r in todo:
+                rngs[r] = seeded_rng(seed, ROWS, first_row + r)
+            uniforms = None
+            if not sampling.greedy:
+                draws = np.stack([rngs[r].random((max_hits + 1, N_UNIFORMS)) for r in todo])
+                uniforms = torch.from_numpy(draws)
+            cond = Conditions(torch.from_numpy(scaled[todo]).to(dev))
+            if model.totals is not None:
+                u = np.stack([seeded_rng(seed, TOTALS, first_row + r).random(3) for r in todo])
+                cond = draw_totals(model, cond, int(class_ids[todo[0]]), u, max_hits)
+                visible.update(zip(todo.tolist(), cond.visible.cpu().tolist(), strict=True))
+            dec.load(slots, cond, uniforms)
 
-    for name in dict.fromkeys(per_row):
-        rows = np.array([r for r in range(n) if per_row[r] == name])
-        material, particle = parse_class(name)
-        detector = model.detector.with_material(material)
-        n_slots = min(batch_size, len(rows))
-        class_id = torch.full((n_slots,), int(class_ids[rows[0]]), device=dev)
-        slot_row = np.full(n_slots, -1)
-        with StaticDecoder(model, class_id, sampling, max_hits, engine) as dec:
-            stats["kv_cache_bytes_per_shower"] = dec.kv_cache_bytes_per_shower()
-            queue = list(rows)
-            while queue or dec.busy():
-                free = np.flatnonzero(slot_row < 0)
-                if queue and len(free) and (continuous or len(free) == n_slots):
-                    todo = np.array(queue[: len(free)])
-                    del queue[: len(todo)]
-                    start(free[: len(todo)], todo, dec)
-                    slot_row[free[: len(todo)]] = todo
-                dec.run(dec.config.check_every)
-                out = dec.finished()
-                for i, slot in enumerate(out.slots):
-                    r, k = int(slot_row[slot]), int(out.n_hits[i])
-                    slot_row[slot] = -1
-                    one, n_dup = tokenizer.decode(
-                        [out.spatial[i, :k]],
-                        [out.energy[i, :k]],
-                        incident_gev[r : r + 1],
-                        detector,
-                        particle,
-                        rngs.pop(r),
-                    )
-                    if r in visible and k:  # the drawn visible energy, exactly
-                        scale = visible.pop(r) / one.energies.sum(dtype=np.float64)
-                        one.energies *= np.float32(scale)
-                        scales.append(scale)
-                    showers[r] = one
-                    stats["n_hits"] += k
-                    stats["n_duplicates"] += n_dup
-                    stats["n_truncated"] += int(out.truncated[i])
-                if progress is not None and len(out.slots):
-                    progress(len(out.slots))
-            stats["steps"] += dec.steps
-    seconds = time.perf_counter() - t0
-    stats.update(
-        seconds=seconds,
-        duplicate_rate=stats["n_duplicates"] / max(stats["n_hits"], 1),
-        showers_per_s=n / seconds if seconds > 0 else float("inf"),
-        hits_per_s=stats["n_hits"] / seconds if seconds > 0 else float("inf"),
-        sampling=sampling.to_dict(),
-        engine=(engine or EngineConfig()).engine,
-        continuous=continuous,
-    )
-    if scales:  # how far the hits' own energies were from the drawn visible energy
-        stats["visible_scale_quantiles"] = np.quantile(scales, [0.05, 0.5, 0.95]).tolist()
-    return {
-        c: concatenate([showers[r] for r in range(n) if per_row[r] == c])
-        for c in dict.fromkeys(per_row)
-    }, stats
+        for name in dict.fromkeys(per_row):
+            rows = np.array([r for r in range(n) if per_row[r] == name])
+            material, particle = parse_class(name)
+            detector = model.detector.with_material(material)
+            n_slots = min(batch_size, len(rows))
+            class_id = torch.full((n_slots,), int(class_ids[rows[0]]), device=dev)
+            slot_row = np.full(n_slots, -1)
+            with StaticDecoder(model, class_id, sampling, max_hits, engine) as dec:
+                stats["kv_cache_bytes_per_shower"] = dec.kv_cache_bytes_per_shower()
+                queue = list(rows)
+                while queue or dec.busy():
+                    free = np.flatnonzero(slot_row < 0)
+                    if queue and len(free) and (continuous or len(free) == n_slots):
+                        todo = np.array(queue[: len(free)])
+                        del queue[: len(todo)]
+                        start(free[: len(todo)], todo, dec)
+                        slot_row[free[: len(todo)]] = todo
+                    dec.run(dec.config.check_every)
+                    out = dec.finished()
+                    for i, slot in enumerate(out.slots):
+                        r, k = int(slot_row[slot]), int(out.n_hits[i])
+                        slot_row[slot] = -1
+                        one, n_dup = tokenizer.decode(
+                            [out.spatial[i, :k]],
+                            [out.energy[i, :k]],
+                            incident_gev[r : r + 1],
+                            detector,
+                            particle,
+                            rngs.pop(r),
+                        )
+                        if r in visible and k:  # the drawn visible energy, exactly
+                            scale = visible.pop(r) / one.energies.sum(dtype=np.float64)
+                            one.energies *= np.float32(scale)
+                            scales.append(scale)
+                        showers[r] = one
+                        stats["n_hits"] += k
+                        stats["n_duplicates"] += n_dup
+                        stats["n_truncated"] += int(out.truncated[i])
+                    if progress is not None and len(out.slots):
+                        progress(len(out.slots))
+                stats["steps"] += dec.steps
+        seconds = time.perf_counter() - t0
+        stats.update(
+            seconds=seconds,
+            duplicate_rate=stats["n_duplicates"] / max(stats["n_hits"], 1),
+            showers_per_s=n / seconds if seconds > 0 else float("inf"),
+            hits_per_s=stats["n_hits"] / seconds if seconds > 0 else float("inf"),
+            sampling=sampling.to_dict(),
+            engine=(engine or EngineConfig()).engine,
+            continuous=continuous,
+        )
+        if scales:  # how far the hits' own energies were from the drawn visible energy
+            stats["visible_scale_quantiles"] = np.quantile(scales, [0.05, 0.5, 0.95]).tolist()
+        return {
+            c: concatenate([showers[r] for r in range(n) if per_row[r] == c])
+            for c in dict.fromkeys(per_row)
+        }, stats

@@ -45,6 +45,7 @@ from calofm.generation.decoder import N_UNIFORMS, EngineConfig
 from calofm.generation.engine import decode, generate
 from calofm.generation.sampler import SamplingConfig
 from calofm.model.config import preset
+from calofm.model.seeding import seeded_init
 from calofm.model.transformer import CaloFM
 from calofm.tokens import TokenizerConfig
 
@@ -97,11 +98,11 @@ def engine_of(mode: str, device: str) -> EngineConfig:
 
 def random_model(preset_name: str, device: str) -> CaloFM:
     """A random-weight model of the preset whose showers never end (EOS logits at -1e9)."""
-    torch.manual_seed(0)
     det = DetectorConfig()
     scheme, n_bins = PRESET_BINS[preset_name]
     tok = TokenizerConfig.for_detector(det, scheme=scheme, n_bins=n_bins, max_mev=35.0)
-    model = CaloFM(preset(preset_name), tok, det, [CLASS]).eval()
+    with seeded_init(0):
+        model = CaloFM(preset(preset_name), tok, det, [CLASS]).eval()
     model.spatial_head.never_end()
     with torch.no_grad():
         model.energy_head.bias[tok.energy_eos] = -1e9

@@ -19,7 +19,6 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from calofm.adapters.config import AdapterConfig
@@ -32,6 +31,7 @@ from calofm.errors import CalofmError
 from calofm.files import atomic_output, check_output_dir, remove_outputs
 from calofm.generation.engine import generate
 from calofm.model.io import load_model
+from calofm.model.seeding import seeded_init
 from calofm.model.transformer import CaloFM
 from calofm.study.figures import FIGURE_DIR, group_label, plot_study_observables
 from calofm.training.config import TrainConfig
@@ -139,9 +139,9 @@ def _train_run(
     provenance = {"study": "finetune", "method": method, "n_events": n, "repeat": r}
     if method == "full":
         if not done:
-            torch.manual_seed(train_config.seed)
-            model = load_model(model_dir)
-            model.add_class(config.class_name, config.init_from)
+            with seeded_init(train_config.seed):  # a new expert without --init-from is random
+                model = load_model(model_dir)
+                model.add_class(config.class_name, config.init_from)
             train_set, val_set, data = stage_datasets(
                 model,
                 config.class_name,
@@ -387,16 +387,15 @@ def _spread(values: list[float | None]) -> dict:
 
 
 def _plot(summary: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """A bare ``Figure`` (no pyplot): no global backend or figure state is touched."""
+    from matplotlib.figure import Figure
 
     groups = summary["groups"]
     keys = [k for k in summary["floor"] if k != "classifier_auc"]
     x = np.arange(len(keys))
     width = 0.8 / max(len(groups), 1)
-    fig, ax = plt.subplots(figsize=(max(8, 0.5 * len(keys)), 4.5))
+    fig = Figure(figsize=(max(8, 0.5 * len(keys)), 4.5))
+    ax = fig.subplots()
     for i, (name, scores) in enumerate(groups.items()):
         ax.bar(
             x + i * width,
@@ -423,7 +422,6 @@ def _plot(summary: dict, path: Path) -> None:
     fig.tight_layout()
     with atomic_output(path) as tmp:
         fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
 
 
 def _nan(value: float | None) -> float:
