@@ -120,7 +120,8 @@ class AdaptedModel(nn.Module):
                 raise
             return getattr(self.base, name)
 
-    def forward(self, *args, **kwargs):
+    def forward(self, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        """The base model's forward pass, the adapters acting from inside it."""
         return self.base(*args, **kwargs)
 
     # ---- the base -------------------------------------------------------------------------------

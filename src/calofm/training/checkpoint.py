@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from calofm.errors import CalofmError
+from calofm.tensorfiles import cpu_copy
 
 FORMAT_VERSION = 1
 
@@ -60,7 +61,7 @@ def save_checkpoint(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    model_state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    model_state = cpu_copy(model.state_dict())
     save_file(model_state, tmp / "model.safetensors")
     tensors, opt_json = _optimizer_tensors(optimizer)
     save_file(tensors, tmp / "optimizer.safetensors")

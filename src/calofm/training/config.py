@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
+from typing import ClassVar
 
+from calofm.configs import FromDict
 from calofm.errors import CalofmError
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(FromDict):
     """Everything that decides a training run's result (the device aside).
 
     Budgets: training stops at the first of ``epochs``, ``max_steps`` and ``time_limit_min``; at
@@ -19,6 +21,8 @@ class TrainConfig:
     ``batch_size`` (showers) or ``batch_tokens`` (padded tokens per stream) is the *global* batch,
     split over all processes, so results do not depend on the number of processes.
     """
+
+    config_name: ClassVar[str] = "training"
 
     epochs: int | None = None
     max_steps: int | None = None
@@ -59,13 +63,6 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> TrainConfig:
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise CalofmError(f"training: unknown config keys {sorted(unknown)}")
-        return cls(**d)
 
 
 @dataclass(frozen=True)
