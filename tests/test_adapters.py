@@ -74,7 +74,9 @@ def tokens(b: int, t: int = 10, seed: int = 1):
     return s, e, Conditions(incident, n_hits, torch.rand(b, generator=g) * 500 + 1)
 
 
-def logits(model: CaloFM | AdaptedModel, classes: list[str], seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def logits(
+    model: CaloFM | AdaptedModel, classes: list[str], seed: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
     s, e, inc = tokens(len(classes), seed=seed)
     ids = torch.tensor([model.class_index(c) for c in classes])
     with torch.no_grad():
@@ -232,10 +234,7 @@ def test_adapters_train_under_bfloat16_autocast():
     loss.backward()
     fitted_apart = {id(p) for p in model.totals.parameters()}  # no gradient from the loss
     grads = [
-        p.grad
-        for a in model.adapters.values()
-        for p in a.parameters()
-        if id(p) not in fitted_apart
+        p.grad for a in model.adapters.values() for p in a.parameters() if id(p) not in fitted_apart
     ]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
 
