@@ -60,6 +60,8 @@ ARMS = {
     "all": {k: v for o in OPTIONS.values() for k, v in o.items()},
     "small": dict(DESIGN),  # the small preset's choice: all but falling energies, one stop decision
     "small+totals": {**DESIGN, "totals": True},  # hit count and visible energy drawn first
+    # the factorised head's sub-heads see the shower's hits per layer, row and column
+    "small+occupancy": {**DESIGN, "totals": True, "voxel_occupancy": True},
 }
 CLASSES = {"G4_W:gamma": "W", "G4_Ta:gamma": "Ta"}
 HEADLINE = ("energy_sum", "response", "n_hits", "cog_z", "cog_x", "energy_per_layer")

@@ -15,17 +15,21 @@ from calofm.model.kv_cache import KVCache
 ATOL = 1e-4
 
 
+def used_at_end(model, s):
+    """The voxels of the prefix ``s``, for a head that reads them (``voxel_occupancy``)."""
+    return model.used_voxels(s)[:, -1:] if model.config.voxel_occupancy else None
+
 
 def full_pass(model, s, e, inc, routing):
     """Hidden states of every block and both logits, for the last position of the prefix."""
     hidden = model.hidden_states(s, e, inc, routing)
-    ls, le = model.logits(hidden[-1][:, -1:], routing)
+    ls, le = model.logits(hidden[-1][:, -1:], routing, used=used_at_end(model, s))
     return [h[:, -1] for h in hidden], ls[:, -1], le[:, -1]
 
 
-def cached_step(model, s, e, start, routing, inc):
+def cached_step(model, s, e, start, routing, inc, used=None):
     hidden = model.hidden_states(s, e, inc if start == 0 else None, routing, start=start)
-    ls, le = model.logits(hidden[-1][:, -1:], routing)
+    ls, le = model.logits(hidden[-1][:, -1:], routing, used=used)
     return [h[:, -1] for h in hidden], ls[:, -1], le[:, -1]
 
 
@@ -37,7 +41,8 @@ def assert_steps_match(model, s, e, inc, cid, chunks):
     with torch.no_grad():
         for n in chunks:
             stop = start + n
-            got = cached_step(model, s[:, start:stop], e[:, start:stop], start, routing, inc)
+            used = used_at_end(model, s[:, :stop])
+            got = cached_step(model, s[:, start:stop], e[:, start:stop], start, routing, inc, used)
             want = full_pass(model, s[:, :stop], e[:, :stop], inc, routing)
             for block, (g, w) in enumerate(zip(got[0], want[0], strict=True)):
                 diff = (g - w).abs().max().item()

@@ -42,6 +42,9 @@ class ModelConfig(FromDict):
     # A shower's hit count and visible energy are drawn first (calofm.model.totals) and every
     # position is conditioned on them; the shower ends at that hit count.
     totals: bool = False
+    # The factorised head's sub-heads see how full the shower already is where they choose: hits
+    # per layer, per x row of the chosen layer, the taken y of the chosen row (needs voxels used once).
+    voxel_occupancy: bool = False
 
     def __post_init__(self) -> None:
         if self.d_model <= 0 or self.n_heads <= 0 or self.n_blocks <= 0 or self.ffn_mult <= 0:
@@ -60,6 +63,12 @@ class ModelConfig(FromDict):
         if self.voxel_head not in VOXEL_HEADS:
             raise CalofmError(
                 f"model: unknown voxel head {self.voxel_head!r}; choose one of {VOXEL_HEADS}"
+            )
+        if self.voxel_occupancy and (
+            self.voxel_head != "factorised" or not self.exclude_used_voxels
+        ):
+            raise CalofmError(
+                "model: voxel_occupancy needs voxel_head=factorised and exclude_used_voxels=true"
             )
 
     @property

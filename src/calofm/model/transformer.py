@@ -140,7 +140,12 @@ class CaloFM(nn.Module):
         )
         self.ln_f = nn.LayerNorm(d)
         self.spatial_head = voxel_head(
-            config.voxel_head, d, tokenizer, detector, self.geometry[:, 0].clone()
+            config.voxel_head,
+            d,
+            tokenizer,
+            detector,
+            self.geometry[:, 0].clone(),
+            config.voxel_occupancy,
         )
         self.energy_head = RoutedLinear(d, tokenizer.energy_vocab)
         self.apply(self._init_weights)
@@ -402,13 +407,27 @@ class CaloFM(nn.Module):
         return n_hits, visible
 
     def logits(
-        self, h: torch.Tensor, routing: Routing, previous_energy: torch.Tensor | None = None
+        self,
+        h: torch.Tensor,
+        routing: Routing,
+        previous_energy: torch.Tensor | None = None,
+        used: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Spatial logits (B, t, Vs) (log-probabilities for a factorised head) and energy logits
-        (B, t, Ve) from block outputs ``h``; ``previous_energy`` (B, t) the fed energy tokens."""
+        (B, t, Ve) from block outputs ``h``; ``previous_energy`` (B, t) the fed energy tokens;
+        ``used`` (B, t, voxels) the voxels each position's shower has (``voxel_occupancy``)."""
         h = self.ln_f(h)
-        spatial = self.spatial_head.scores(h, routing=routing)
+        if used is None:
+            spatial = self.spatial_head.scores(h, routing=routing)
+        else:
+            spatial = self.spatial_head.scores(h, routing=routing, used=used)
         return spatial, self._energy_logits(h, routing, previous_energy)
+
+    def used_voxels(self, spatial: torch.Tensor) -> torch.Tensor:
+        """(B, t, voxels) bool: the voxels among tokens 0..j of ``spatial`` (B, t), per j."""
+        n = self.tokenizer.n_voxels
+        hits = F.one_hot(spatial.clamp(max=n), n + 1)[..., :n]
+        return hits.cumsum(dim=1) > 0
 
     def forward(
         self,
@@ -420,7 +439,8 @@ class CaloFM(nn.Module):
         """Logits (B, T, Vs), (B, T, Ve); position j predicts token j+1 of each stream."""
         routing = self.routing(class_id)
         h = self.hidden_states(spatial, energy, cond, routing)[-1]
-        return self.logits(h, routing, energy)
+        used = self.used_voxels(spatial) if self.config.voxel_occupancy else None
+        return self.logits(h, routing, energy, used)
 
     def loss(
         self,

@@ -1,0 +1,116 @@
+"""The occupancy-aware factorised head: its sub-heads see how full the shower already is, with the
+same features in the loss (from the token history) and in sampling (from the used-voxel grid)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_design import SMALL_DET, SMALL_TOK, shower_tokens, small_model
+
+from calofm.errors import CalofmError
+from calofm.model import ModelConfig
+from calofm.model.heads import FactorisedVoxelHead
+
+D = 16
+
+
+def occupancy_head(seed: int = 0) -> FactorisedVoxelHead:
+    torch.manual_seed(seed)
+    head = FactorisedVoxelHead(D, SMALL_TOK, SMALL_DET, occupancy=True)
+    with torch.no_grad():  # make the occupancy weights large enough to matter
+        for m in (head.layer_occ, head.x_occ, head.y_occ):
+            m.weight.normal_(std=2.0)
+    return head
+
+
+def used_so_far(history: torch.Tensor) -> torch.Tensor:
+    """(B, T, voxels): the voxels among inputs 1..j, per position j (a slow, obvious version)."""
+    b, t = history.shape
+    used = torch.zeros(b, t, SMALL_TOK.n_voxels, dtype=torch.bool)
+    for i in range(b):
+        for j in range(t):
+            for v in history[i, 1 : j + 1].tolist():
+                if v < SMALL_TOK.n_voxels:
+                    used[i, j, v] = True
+    return used
+
+
+def test_occupancy_needs_the_factorised_head_and_voxels_used_once():
+    with pytest.raises(CalofmError, match="voxel_occupancy"):
+        ModelConfig(voxel_head="flat", exclude_used_voxels=True, voxel_occupancy=True)
+    with pytest.raises(CalofmError, match="voxel_occupancy"):
+        ModelConfig(voxel_head="factorised", exclude_used_voxels=False, voxel_occupancy=True)
+    with pytest.raises(CalofmError, match="needs the history"):
+        occupancy_head().log_prob(torch.randn(1, 3, D), torch.tensor([[1, 2, 3]]))
+    with pytest.raises(CalofmError, match="needs the used voxels"):
+        occupancy_head().scores(torch.randn(1, 3, D))
+
+
+def test_training_log_likelihood_is_the_distribution_scored_from_the_used_voxels():
+    """log_prob's occupancy (one-hot sums over the history) is the one ``scores`` reads from the
+    used-voxel mask, and the y already taken in the target's row are renormalised away."""
+    hd = occupancy_head()
+    tok, ny = SMALL_TOK, SMALL_DET.ny
+    s, _ = shower_tokens(2, 9, seed=4)
+    history, target = s[:, :-1], s[:, 1:]
+    h = torch.randn(2, history.shape[1], D)
+    got = hd.log_prob(h, target, history)
+    log_p = hd.scores(h, used=used_so_far(history))
+    for b in range(2):
+        for j in range(history.shape[1]):
+            t, used = int(target[b, j]), history[b, 1 : j + 1].tolist()
+            want = log_p[b, j, t]
+            if t < tok.n_voxels:
+                row = torch.arange(t // ny * ny, t // ny * ny + ny)
+                taken = [v for v in used if v // ny == t // ny]
+                removed = log_p[b, j, taken].exp().sum() / log_p[b, j, row].exp().sum()
+                want = want - torch.log1p(-removed)
+            torch.testing.assert_close(got[b, j], want, atol=1e-5, rtol=1e-5)
+
+
+def test_the_distribution_moves_with_the_voxels_the_shower_has():
+    hd = occupancy_head()
+    h = torch.randn(1, D)
+    empty = torch.zeros(1, SMALL_TOK.n_voxels, dtype=torch.bool)
+    some = empty.clone()
+    some[0, [0, 1, 7, 40]] = True
+    a, b = hd.scores(h, used=empty), hd.scores(h, used=some)
+    free = ~some[0]
+    assert (a[0, : SMALL_TOK.n_voxels][free] - b[0, : SMALL_TOK.n_voxels][free]).abs().max() > 1e-3
+
+
+def test_greedy_sampling_follows_the_scored_distribution_for_any_used_voxels():
+    """Layer, then x, then y by argmax of the conditionals that ``scores`` multiplies, full layers
+    and rows and taken voxels left out: sampling reads the occupancy the way training does."""
+    hd = occupancy_head(seed=1)
+    b, tok, det = 16, SMALL_TOK, SMALL_DET
+    used = torch.rand(b, tok.n_voxels, generator=torch.Generator().manual_seed(0)) < 0.3
+    h = torch.randn(b, D)
+    drawn = hd.sample(h, None, used, 0.0)
+    lp = hd.scores(h, used=used)
+    grid = used.view(b, det.n_layers, det.nx, det.ny)
+    vox = lp[:, : tok.n_voxels].exp().view(grid.shape)
+    for i in range(b):
+        p_layer = torch.cat([vox[i].sum((1, 2)), lp[i, tok.spatial_eos].exp()[None]])
+        p_layer[:-1].masked_fill_(grid[i].flatten(1).all(-1), 0.0)
+        layer = int(p_layer.argmax())
+        if layer == det.n_layers:
+            assert int(drawn[i]) == tok.spatial_eos
+            continue
+        x = int(vox[i, layer].sum(-1).masked_fill(grid[i, layer].all(-1), 0.0).argmax())
+        y = int(vox[i, layer, x].masked_fill(grid[i, layer, x], 0.0).argmax())
+        assert int(drawn[i]) == (layer * det.nx + x) * det.ny + y
+
+
+def test_a_model_with_occupancy_trains_and_decodes_with_its_cache():
+    from test_kv_cache import assert_steps_match
+
+    model = small_model(voxel_occupancy=True)
+    s, e = shower_tokens(2, 10, seed=3)
+    inc, cid = torch.tensor([0.2, -0.4]), torch.tensor([0, 1])
+    loss = model.loss(s, e, inc, cid)[0]
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert model.spatial_head.x_occ.weight.grad.abs().sum() > 0
+    assert model.spatial_head.layer_occ.weight.grad.abs().sum() > 0
+    assert_steps_match(model, s, e, inc, cid, [1] * 12)
