@@ -62,6 +62,8 @@ ARMS = {
     "small+totals": {**DESIGN, "totals": True},  # hit count and visible energy drawn first
     # the factorised head's sub-heads see the shower's hits per layer, row and column
     "small+occupancy": {**DESIGN, "totals": True, "voxel_occupancy": True},
+    # layer, then (x, y) among the layer's cells: used cells leave their layer's distribution
+    "small+layered": {**DESIGN, "totals": True, "voxel_head": "layered"},
 }
 CLASSES = {"G4_W:gamma": "W", "G4_Ta:gamma": "Ta"}
 HEADLINE = ("energy_sum", "response", "n_hits", "cog_z", "cog_x", "energy_per_layer")

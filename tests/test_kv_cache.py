@@ -16,8 +16,8 @@ ATOL = 1e-4
 
 
 def used_at_end(model, s):
-    """The voxels of the prefix ``s``, for a head that reads them (``voxel_occupancy``)."""
-    return model.used_voxels(s)[:, -1:] if model.config.voxel_occupancy else None
+    """The voxels of the prefix ``s``, for a head that reads them."""
+    return model.used_voxels(s)[:, -1:] if model.config.head_reads_used else None
 
 
 def full_pass(model, s, e, inc, routing):

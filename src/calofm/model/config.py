@@ -14,7 +14,7 @@ from calofm.detector import material_long
 from calofm.errors import CalofmError
 from calofm.particles import pdg_code
 
-VOXEL_HEADS = ("flat", "factorised")
+VOXEL_HEADS = ("flat", "factorised", "layered")
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,9 @@ class ModelConfig(FromDict):
     rope_fraction: float = 0.5  # share of each head's dimensions rotated by RoPE
     rope_base: float = 1000.0
     # What the model knows and how it predicts (defaults: the paper's design; see PRESETS).
-    voxel_head: str = "flat"  # "flat": one logit per voxel; "factorised": layer, then x, then y
+    # "flat": one logit per voxel; "factorised": layer, then x, then y; "layered": layer, then
+    # (x, y) among the layer's cells (calofm.model.layered_head)
+    voxel_head: str = "flat"
     condition_every_position: bool = False  # conditions added to every position, not only prepended
     shower_state: bool = False  # every position sees the energy deposited so far and the hit count
     exclude_used_voxels: bool = False  # a voxel is used once: in the loss and in sampling
@@ -70,6 +72,13 @@ class ModelConfig(FromDict):
             raise CalofmError(
                 "model: voxel_occupancy needs voxel_head=factorised and exclude_used_voxels=true"
             )
+        if self.voxel_head == "layered" and not self.exclude_used_voxels:
+            raise CalofmError("model: voxel_head=layered needs exclude_used_voxels=true")
+
+    @property
+    def head_reads_used(self) -> bool:
+        """Whether the voxel head's distribution depends on the voxels a shower already has."""
+        return self.voxel_occupancy or self.voxel_head == "layered"
 
     @property
     def head_dim(self) -> int:

@@ -31,29 +31,11 @@ from torch import nn
 
 from calofm.detector import DetectorConfig
 from calofm.errors import CalofmError
+from calofm.model.exclusion import causal_history, excluded_log_norm
 from calofm.model.experts import RoutedLinear, Routing
+from calofm.model.layered_head import LayeredVoxelHead
 from calofm.model.sampling import sample
 from calofm.tokens import TokenizerConfig
-
-
-def _excluded_log_norm(
-    log_probs: torch.Tensor, history: torch.Tensor, match: torch.Tensor
-) -> torch.Tensor:
-    """log(1 - P(voxels already used)) per position: the normaliser over the allowed voxels.
-
-    ``log_probs`` (B, T, V) normalised over all V; ``history`` (B, T) the ids whose probability is
-    removed (index into V); ``match`` (B, T, T) says which history entries count at each position.
-    """
-    b, t, _ = log_probs.shape
-    gathered = log_probs.gather(-1, history[:, None, :].expand(b, t, t))
-    used = (gathered.float().exp() * match).sum(-1)
-    return torch.log1p(-used.clamp(max=1 - 1e-6))
-
-
-def _causal_history(n: int, device: torch.device) -> torch.Tensor:
-    """(T, T) True where input i (1 <= i <= j) precedes or is position j: the hits so far."""
-    i = torch.arange(n, device=device)
-    return (i[None, :] <= i[:, None]) & (i[None, :] >= 1)
 
 
 class FlatVoxelHead(RoutedLinear):
@@ -94,8 +76,8 @@ class FlatVoxelHead(RoutedLinear):
         out = lp.gather(-1, target.clamp(max=lp.shape[-1] - 1)[..., None])[..., 0]
         if history is not None:
             regular = history < self.n_voxels
-            match = _causal_history(history.shape[1], h.device)[None] & regular[:, None, :]
-            out = out - _excluded_log_norm(lp, history.clamp(max=self.n_voxels - 1), match)
+            match = causal_history(history.shape[1], h.device)[None] & regular[:, None, :]
+            out = out - excluded_log_norm(lp, history.clamp(max=self.n_voxels - 1), match)
         return out
 
     @torch.no_grad()
@@ -223,7 +205,7 @@ class FactorisedVoxelHead(nn.Module):
         chosen ``layer`` and ``x`` (B, T): counts from one-hot sums, no (B, T, voxels) tensor."""
         h_layer, h_x, h_y = self._split(history)
         regular = history < self.n_voxels
-        causal = _causal_history(history.shape[1], history.device)[None] & regular[:, None, :]
+        causal = causal_history(history.shape[1], history.device)[None] & regular[:, None, :]
         dtype = self.x_occ.weight.dtype
         layers = (F.one_hot(h_layer, self.n_layers).to(dtype) * regular[..., None]).cumsum(1)
         in_layer = causal & (h_layer[:, None, :] == layer[:, :, None])
@@ -272,11 +254,11 @@ class FactorisedVoxelHead(nn.Module):
                 h_x[:, None, :] == x[:, :, None]
             )
             match = (
-                _causal_history(history.shape[1], h.device)[None]
+                causal_history(history.shape[1], h.device)[None]
                 & (history < self.n_voxels)[:, None, :]
                 & same_row
             )
-            part = part - _excluded_log_norm(lp_y, h_y, match)
+            part = part - excluded_log_norm(lp_y, h_y, match)
         return out + torch.where(regular, part, torch.zeros_like(part))
 
     def scores(
@@ -369,7 +351,7 @@ class FactorisedVoxelHead(nn.Module):
             self.layer.bias[self.n_layers] = -1e9
 
 
-VoxelHead = FlatVoxelHead | FactorisedVoxelHead
+VoxelHead = FlatVoxelHead | FactorisedVoxelHead | LayeredVoxelHead
 
 
 def voxel_head(
@@ -382,4 +364,6 @@ def voxel_head(
 ) -> VoxelHead:
     if kind == "flat":
         return FlatVoxelHead(d_model, tokenizer, layer_of_token)
+    if kind == "layered":
+        return LayeredVoxelHead(d_model, tokenizer, detector)
     return FactorisedVoxelHead(d_model, tokenizer, detector, occupancy)

@@ -415,7 +415,7 @@ class CaloFM(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Spatial logits (B, t, Vs) (log-probabilities for a factorised head) and energy logits
         (B, t, Ve) from block outputs ``h``; ``previous_energy`` (B, t) the fed energy tokens;
-        ``used`` (B, t, voxels) the voxels each position's shower has (``voxel_occupancy``)."""
+        ``used`` (B, t, voxels) the voxels each position's shower has (a head that reads them)."""
         h = self.ln_f(h)
         if used is None:
             spatial = self.spatial_head.scores(h, routing=routing)
@@ -439,7 +439,7 @@ class CaloFM(nn.Module):
         """Logits (B, T, Vs), (B, T, Ve); position j predicts token j+1 of each stream."""
         routing = self.routing(class_id)
         h = self.hidden_states(spatial, energy, cond, routing)[-1]
-        used = self.used_voxels(spatial) if self.config.voxel_occupancy else None
+        used = self.used_voxels(spatial) if self.config.head_reads_used else None
         return self.logits(h, routing, energy, used)
 
     def loss(
