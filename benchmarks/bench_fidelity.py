@@ -58,12 +58,13 @@ ARMS = {
     **OPTIONS,
     **{f"+head{k}": {**OPTIONS["+head"], **v} for k, v in OPTIONS.items() if k != "+head"},
     "all": {k: v for o in OPTIONS.values() for k, v in o.items()},
-    "small": dict(DESIGN),  # the small preset's choice: all but falling energies, one stop decision
-    "small+totals": {**DESIGN, "totals": True},  # hit count and visible energy drawn first
+    "small": dict(DESIGN),  # the small preset's choice (every JSON entry records its model_config)
+    # the previous base's design: totals, the factorised head without occupancy
+    "small+totals": {**DESIGN, "totals": True, "voxel_occupancy": False},
     # the factorised head's sub-heads see the shower's hits per layer, row and column
     "small+occupancy": {**DESIGN, "totals": True, "voxel_occupancy": True},
     # layer, then (x, y) among the layer's cells: used cells leave their layer's distribution
-    "small+layered": {**DESIGN, "totals": True, "voxel_head": "layered"},
+    "small+layered": {**DESIGN, "voxel_head": "layered", "voxel_occupancy": False},
 }
 CLASSES = {"G4_W:gamma": "W", "G4_Ta:gamma": "Ta"}
 HEADLINE = ("energy_sum", "response", "n_hits", "cog_z", "cog_x", "energy_per_layer")
