@@ -31,10 +31,15 @@ from torch import nn
 
 from calofm.detector import DetectorConfig
 from calofm.errors import CalofmError
-from calofm.model.exclusion import causal_history, excluded_log_norm
 from calofm.model.experts import RoutedLinear, Routing
 from calofm.model.layered_head import LayeredVoxelHead
 from calofm.model.sampling import sample
+from calofm.model.voxel_parts import (
+    add_layer_bias,
+    causal_history,
+    excluded_log_norm,
+    with_special_tokens,
+)
 from calofm.tokens import TokenizerConfig
 
 
@@ -173,10 +178,7 @@ class FactorisedVoxelHead(nn.Module):
         y = self.layer(h)
         if occupancy is not None:
             y = y + self.layer_out(F.gelu(self.layer_in(h) + self.layer_occ(occupancy)))
-        if layer_bias is not None:
-            bias = F.pad(layer_bias, (0, 1)).to(y.dtype)
-            y = y + (bias[:, None, :] if y.ndim == 3 else bias)
-        return y
+        return add_layer_bias(y, layer_bias)
 
     def _x_logits(
         self, h: torch.Tensor, layer: torch.Tensor, occupancy: torch.Tensor | None = None
@@ -294,9 +296,7 @@ class FactorisedVoxelHead(nn.Module):
             hy = hy + self.y_occ(occ_columns)
         lp_y = torch.log_softmax(self.y_out(F.gelu(hy)).float(), dim=-1)  # (..., L, X, Y)
         voxels = lp_layer[..., : self.n_layers, None, None] + lp_x[..., None] + lp_y
-        never = torch.full_like(lp_layer[..., :1], float("-inf"))
-        special = torch.cat([never, lp_layer[..., self.n_layers :], never], dim=-1)
-        return torch.cat([voxels.flatten(-3), special], dim=-1)
+        return with_special_tokens(voxels.flatten(-3), lp_layer, self.n_layers)
 
     @torch.no_grad()
     def sample(

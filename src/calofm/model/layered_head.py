@@ -18,9 +18,14 @@ from torch import nn
 
 from calofm.detector import DetectorConfig
 from calofm.errors import CalofmError
-from calofm.model.exclusion import causal_history, excluded_log_norm
 from calofm.model.experts import Routing
 from calofm.model.sampling import sample
+from calofm.model.voxel_parts import (
+    add_layer_bias,
+    causal_history,
+    excluded_log_norm,
+    with_special_tokens,
+)
 from calofm.tokens import TokenizerConfig
 
 
@@ -51,10 +56,7 @@ class LayeredVoxelHead(nn.Module):
         """``hits`` (..., L): the shower's hits per layer so far."""
         occupancy = self.layer_occ(torch.log1p(hits.to(h.dtype)))
         y = self.layer(h) + self.layer_out(F.gelu(self.layer_in(h) + occupancy))
-        if layer_bias is not None:
-            bias = F.pad(layer_bias, (0, 1)).to(y.dtype)
-            y = y + (bias[:, None, :] if y.ndim == 3 else bias)
-        return y
+        return add_layer_bias(y, layer_bias)
 
     def _cell_logits(self, h: torch.Tensor, layer: torch.Tensor) -> torch.Tensor:
         return self.cell_out(F.gelu(self.cell_in(h) + self.cell_layer(layer)))
@@ -118,9 +120,7 @@ class LayeredVoxelHead(nn.Module):
         hc = self.cell_in(h)[..., None, :] + self.cell_layer.weight  # (..., L, d)
         lp_cell = torch.log_softmax(self.cell_out(F.gelu(hc)).float(), dim=-1)  # (..., L, cells)
         voxels = lp_layer[..., : self.n_layers, None] + lp_cell
-        never = torch.full_like(lp_layer[..., :1], float("-inf"))
-        special = torch.cat([never, lp_layer[..., self.n_layers :], never], dim=-1)
-        return torch.cat([voxels.flatten(-2), special], dim=-1)
+        return with_special_tokens(voxels.flatten(-2), lp_layer, self.n_layers)
 
     @torch.no_grad()
     def sample(
