@@ -111,12 +111,6 @@ class StageDefaults:
 STAGE_DEFAULTS = StageDefaults()
 
 
-def class_of(material: str, particle: str) -> str:
-    """'Pb', 'gamma' -> 'G4_Pb:gamma' (the particle must be known)."""
-    pdg_code(particle)
-    return join_class(material_long(material), particle)
-
-
 def init_class(classes: list[str], text: str | None, particle: str) -> str | None:
     """The class whose expert a new one copies: ``text`` is a material (same particle), a class
     name, or None (random). It must be one of ``classes``."""
@@ -124,9 +118,9 @@ def init_class(classes: list[str], text: str | None, particle: str) -> str | Non
         return None
     if ":" in text:
         material, other = parse_class(text)
-        name = join_class(material_long(material), other)
+        name = join_class(material, other)
     else:
-        name = class_of(text, particle)
+        name = join_class(text, particle)
     if name not in classes:
         raise CalofmError(
             f"--init-from {text}: the model has no class {name} ({', '.join(classes)})"

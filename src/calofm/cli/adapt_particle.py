@@ -51,10 +51,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from calofm.adapters.config import AdapterConfig, class_of, init_class, same_material_class
+    from calofm.adapters.config import AdapterConfig, init_class, same_material_class
+    from calofm.model.config import class_name
 
     def make_config(model):
-        name = class_of(args.material, args.particle)
+        name = class_name(args.material, args.particle)
         if args.init_from is None:
             init = same_material_class(model.classes, args.material)
             if init is None:

@@ -39,10 +39,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from calofm.adapters.config import AdapterConfig, class_of, init_class
+    from calofm.adapters.config import AdapterConfig, init_class
+    from calofm.model.config import class_name
 
     def make_config(model):
-        name = class_of(args.material, args.particle)
+        name = class_name(args.material, args.particle)
         return AdapterConfig(
             class_name=name,
             init_from=init_class(model.classes, args.init_from, args.particle),

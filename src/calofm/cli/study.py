@@ -83,10 +83,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_finetune(args: argparse.Namespace) -> int:
-    from calofm.adapters.config import class_of, init_class
+    from calofm.adapters.config import init_class
     from calofm.adapters.files import load_model_with_adapters
     from calofm.cli._stage import stage_train_config
     from calofm.errors import CalofmError
+    from calofm.model.config import class_name
     from calofm.study.finetune import StudyConfig, run_finetune_study
 
     classes = list(load_model_with_adapters(args.model, args.adapter).classes)
@@ -97,7 +98,7 @@ def run_finetune(args: argparse.Namespace) -> int:
             raise CalofmError(f"--forgetting {spec}: expected BASE_CLASS=PATH, classes {classes}")
         forgetting.append((cls, path))
     config = StudyConfig(
-        class_name=class_of(args.material, args.particle),
+        class_name=class_name(args.material, args.particle),
         train_paths=tuple(args.data),
         test_path=args.test,
         n_events=tuple(args.n_events),

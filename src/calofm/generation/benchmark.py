@@ -151,13 +151,16 @@ class StepRunner:
         self.decoder: StaticDecoder | None = None
         self.decoder_cache: object = None
         self.u = torch.rand(batch, N_UNIFORMS, dtype=torch.float64, generator=g)
+        # the voxels a shower has, as generation keeps them (a head may read them: occupancy)
+        unique = model.config.exclude_used_voxels
+        self.used = torch.zeros(batch, tok.n_voxels, dtype=torch.bool) if unique else None
         self.sampling = SamplingConfig()
         self.max_len = max_len
 
     def _sample(self, h: torch.Tensor, prefix: int) -> None:
         """Both tokens from the last block's output ``h`` (B, 1, d), and the stop check."""
         s, e = self.model.next_tokens(
-            h[:, -1], self.routing, self.u, None, self.energy[:, prefix], 1.0
+            h[:, -1], self.routing, self.u, self.used, self.energy[:, prefix], 1.0
         )
         done = (s == self.model.tokenizer.spatial_eos) | (e == self.model.tokenizer.energy_eos)
         bool(done.all())
