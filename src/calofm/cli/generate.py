@@ -65,11 +65,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "generate",
         help=HELP,
         description=(
-            "Generate showers of one (material, particle) class with a trained model. Each shower "
-            "ends when either head emits end-of-sequence; a shower that reaches --max-hits hits "
-            "without it keeps those hits and is counted and reported as truncated. Duplicate "
-            "voxels within a shower are merged (energies summed) and their rate reported. The same "
-            "command gives the same showers; an interrupted run resumes from its .partial file."
+            "Generate showers of one (material, particle) class with a trained model. A model "
+            "with shower totals draws each shower's hit count and visible energy first and ends "
+            "the shower there; otherwise a shower ends at end-of-sequence (the voxel head's, or "
+            "either head's for a model with two stop decisions). A shower that reaches --max-hits "
+            "hits keeps those hits and is counted and reported as truncated. A model that uses "
+            "voxels once never repeats one; otherwise duplicates are merged (energies summed) and "
+            "their rate reported. The same command gives the same showers; an interrupted run "
+            "resumes from its .partial file."
         ),
     )
     p.add_argument("--model", required=True, metavar="DIR", help="model directory")
