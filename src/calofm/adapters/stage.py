@@ -7,7 +7,6 @@ stage changed nothing but its own adapter.
 
 from __future__ import annotations
 
-import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from calofm.errors import CalofmError
 from calofm.model.conditions import Conditions
 from calofm.model.transformer import CaloFM
 from calofm.tokens import Tokenizer
+from calofm.training import distributed
 from calofm.training.config import TrainConfig
 from calofm.training.data import build_datasets, load_classes
 from calofm.training.trainer import CHECKPOINT_DIR, TrainResult, train
@@ -135,7 +135,7 @@ def run_stage(
         raise
     counts = {**adapter.counts(), "model_total": sum(p.numel() for p in model.parameters())}
     parts = ", ".join(f"{k} {v:,}" for k, v in counts.items() if k not in ("total", "model_total"))
-    if int(os.environ.get("RANK", "0")) == 0:  # one process prints under torchrun
+    if distributed.setup(device).is_main:  # one process prints under torchrun
         print(
             f"adapter {config.name} ({config.kind}): {counts['total']:,} trainable parameters "
             f"({parts}) of {counts['model_total']:,} in the model "
