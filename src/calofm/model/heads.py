@@ -116,7 +116,8 @@ class Occupancy(NamedTuple):
     """What each sub-head sees of the voxels a shower already has (``voxel_occupancy``).
 
     ``layers`` (..., L): log(1 + hits) per layer; ``rows`` (..., X): log(1 + hits) per x row of
-    the chosen layer; ``column`` (..., Y): 1 where the chosen (layer, x) row's y is taken.
+    the chosen layer; ``column`` (..., Y): 1 where the chosen (layer, x) row's y is taken. From a
+    used-voxel mask, ``rows`` and ``column`` hold every layer's and row's (indexed by the choice).
     """
 
     layers: torch.Tensor
@@ -216,9 +217,11 @@ class FactorisedVoxelHead(nn.Module):
         column = in_row.to(dtype) @ F.one_hot(h_y, self.ny).to(dtype)
         return Occupancy(torch.log1p(layers), torch.log1p(rows), column.clamp(max=1))
 
-    def _grid(self, used: torch.Tensor) -> torch.Tensor:
-        """(..., L, X, Y) float occupancy grid of a (..., voxels) mask."""
-        return used.to(self.x_occ.weight.dtype).unflatten(-1, (self.n_layers, self.nx, self.ny))
+    def _used_occupancy(self, used: torch.Tensor) -> Occupancy:
+        """Occupancy of every layer, row and column from a (..., voxels) mask: ``layers``
+        (..., L), ``rows`` (..., L, X) and ``column`` (..., L, X, Y), indexed by the choice."""
+        grid = used.to(self.x_occ.weight.dtype).unflatten(-1, (self.n_layers, self.nx, self.ny))
+        return Occupancy(torch.log1p(grid.sum((-2, -1))), torch.log1p(grid.sum(-1)), grid)
 
     def _split(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(layer, x, y) of spatial ids; special ids give (0, 0, 0)."""
@@ -278,10 +281,7 @@ class FactorisedVoxelHead(nn.Module):
         if self.occupancy:
             if used is None:
                 raise CalofmError("voxel head: an occupancy-aware head needs the used voxels")
-            grid = self._grid(used)
-            occ_columns = grid  # (..., L, X, Y)
-            occ_rows = torch.log1p(grid.sum(-1))  # (..., L, X)
-            occ_layers = torch.log1p(grid.sum((-2, -1)))  # (..., L)
+            occ_layers, occ_rows, occ_columns = self._used_occupancy(used)
         lp_layer = torch.log_softmax(self._layer_logits(h, layer_bias, occ_layers).float(), -1)
         hx = self.x_in(h)[..., None, :] + self.x_layer.weight  # (..., L, d)
         if occ_rows is not None:
@@ -320,12 +320,10 @@ class FactorisedVoxelHead(nn.Module):
         grid = None if used is None else used.view(b, self.n_layers, self.nx, self.ny)
         occ = None
         if self.occupancy:
-            if grid is None:
+            if used is None:
                 raise CalofmError("voxel head: an occupancy-aware head needs the used voxels")
-            occ = self._grid(used.view(b, -1))
-        logits = self._layer_logits(
-            h, layer_bias, None if occ is None else torch.log1p(occ.sum((-2, -1)))
-        ).float()
+            occ = self._used_occupancy(used.view(b, -1))
+        logits = self._layer_logits(h, layer_bias, None if occ is None else occ.layers).float()
         if can_end is not None:
             logits[:, self.n_layers].masked_fill_(~can_end, float("-inf"))
         if grid is not None:
@@ -333,13 +331,12 @@ class FactorisedVoxelHead(nn.Module):
         layer = sample(logits, None if u is None else u[:, 0], temperature, top_k, top_p)
         end = layer == self.n_layers
         layer = layer.clamp(max=self.n_layers - 1)
-        logits = self._x_logits(
-            h, layer, None if occ is None else torch.log1p(occ[rows, layer].sum(-1))
-        ).float()
+        logits = self._x_logits(h, layer, None if occ is None else occ.rows[rows, layer]).float()
         if grid is not None:
             logits.masked_fill_(grid[rows, layer].all(-1), float("-inf"))
         x = sample(logits, None if u is None else u[:, 1], temperature, top_k, top_p)
-        logits = self._y_logits(h, layer, x, None if occ is None else occ[rows, layer, x]).float()
+        column = None if occ is None else occ.column[rows, layer, x]
+        logits = self._y_logits(h, layer, x, column).float()
         if grid is not None:
             logits.masked_fill_(grid[rows, layer, x], float("-inf"))
         y = sample(logits, None if u is None else u[:, 2], temperature, top_k, top_p)
