@@ -15,7 +15,7 @@ from calofm.detector import DetectorConfig
 from calofm.generation.engine import ROWS, TOTALS, generate, seeded_rng
 from calofm.model.conditions import Conditions
 from calofm.model.config import preset
-from calofm.model.totals import ShowerTotals, from_point, to_point
+from calofm.model.totals import ShowerTotals, from_point, match_visible, to_point
 from calofm.model.transformer import CaloFM
 from calofm.tokens import Tokenizer, TokenizerConfig
 from calofm.training.totals import dataset_totals, fit_totals
@@ -124,7 +124,7 @@ def test_fitting_totals_changes_only_the_classes_it_fits_and_learns_their_counts
         assert abs(drawn.float().mean().item() - n_hits[rows].mean()) < 0.15 * n_hits[rows].mean()
 
 
-def test_generated_showers_have_exactly_the_drawn_hit_count_and_visible_energy():
+def test_generated_showers_have_exactly_the_drawn_hit_count_and_visible_energy_above_threshold():
     model = totals_model()
     incident = np.array([10, 30, 50, 70, 90, 20], dtype=np.float32)
     classes = ["G4_W:gamma", "G4_Ta:gamma"] * 3
@@ -141,7 +141,12 @@ def test_generated_showers_have_exactly_the_drawn_hit_count_and_visible_energy()
         i = r // 2
         assert s.n_hits[i] == n.item()
         got = s.energies[s.offsets[i] : s.offsets[i + 1]].sum(dtype=np.float64)
-        assert got == pytest.approx(visible.item(), rel=1e-5)
+        # n hits above the 0.1 MeV threshold hold more than n x 0.1 MeV: a random model's draw
+        # below that is met as closely as the hits allow
+        floor = 0.1 * n.item()
+        assert got == pytest.approx(visible.item(), rel=1e-5) if visible > floor else floor < got
+    # every drawn hit is a hit an analysis sees: none was scaled under the threshold
+    assert (np.concatenate([s.energies for s in showers.values()]) > 0.1).all()
     assert stats["n_duplicates"] == 0 and stats["n_truncated"] == 0
     assert ROWS != TOTALS
 
@@ -157,3 +162,15 @@ def test_a_new_class_gets_its_own_totals_network_and_the_old_ones_stay():
         old, [p for net in model.totals.nets[:2] for p in net.parameters()], strict=True
     ):
         assert torch.equal(a, b)
+
+
+def test_matching_the_visible_energy_keeps_every_cell_above_threshold_and_their_order():
+    cells = np.array([0.12, 0.15, 0.4, 3.0, 40.0], dtype=np.float32)
+    for target in (10.0, 43.67, 120.0):
+        moved = match_visible(cells, target, 0.1)
+        assert moved.sum(dtype=np.float64) == pytest.approx(target, rel=1e-6)
+        assert (moved > 0.1).all() and (np.argsort(moved) == np.argsort(cells)).all()
+    # a plain rescaling to 10 MeV would have taken the three coolest cells under the threshold
+    assert ((cells * 10.0 / cells.sum()) <= 0.1).sum() == 3
+    # a visible energy no set of five hits can have: they all sit just above the threshold
+    assert (match_visible(cells, 0.3, 0.1) > 0.1).all()

@@ -9,7 +9,8 @@ next shower, so long showers do not hold a whole batch back.
 
 A model with shower totals (``ModelConfig.totals``) first draws each shower's hit count and
 visible energy; the shower then ends at exactly that hit count (end-of-sequence is masked before it
-and forced at it), and its cell energies are scaled so that they sum to the drawn visible energy.
+and forced at it), and its cell energies above the hit threshold are scaled so that they sum to the
+drawn visible energy (``match_visible``: every hit stays a hit).
 
 Reproducibility: row ``r`` (counted from ``first_row``) draws all its randomness (four uniforms
 per step, and the energies inside their bins) from its own stream
@@ -34,7 +35,7 @@ from calofm.generation.decoder import N_UNIFORMS, EngineConfig, StaticDecoder
 from calofm.generation.sampler import SamplingConfig
 from calofm.model.conditions import Conditions
 from calofm.model.config import parse_class
-from calofm.model.totals import from_point
+from calofm.model.totals import from_point, match_visible
 from calofm.model.transformer import CaloFM
 from calofm.tokens import Tokenizer
 
@@ -254,6 +255,7 @@ def generate(
     sampling = SamplingConfig(temperature, dynamic_temperature, top_k, top_p, unique_voxels)
     with _borrowed(model, device) as dev:
         tokenizer = Tokenizer(model.tokenizer)
+        threshold = model.tokenizer.threshold_mev
         scaled = tokenizer.scale_incident(incident_gev)
         class_ids = np.array([model.class_index(c) for c in per_row])
 
@@ -312,9 +314,9 @@ def generate(
                             rngs.pop(r),
                         )
                         if r in visible and k:  # the drawn visible energy, exactly
-                            scale = visible.pop(r) / one.energies.sum(dtype=np.float64)
-                            one.energies *= np.float32(scale)
-                            scales.append(scale)
+                            target = visible.pop(r)
+                            scales.append(target / one.energies.sum(dtype=np.float64))
+                            one.energies[:] = match_visible(one.energies, target, threshold)
                         showers[r] = one
                         stats["n_hits"] += k
                         stats["n_duplicates"] += n_dup

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -122,3 +123,22 @@ def from_point(z: torch.Tensor, max_hits: int) -> tuple[torch.Tensor, torch.Tens
     """
     n = torch.floor(torch.exp(z[:, 0].clamp(max=math.log(max_hits + 2)))).long()
     return n.clamp(1, max_hits + 1), torch.exp(z[:, 1].clamp(max=20.0))
+
+
+def match_visible(energies: np.ndarray, visible_mev: float, threshold_mev: float) -> np.ndarray:
+    """Cell energies moved to sum to ``visible_mev`` while every cell stays above the threshold.
+
+    Each cell's energy above the threshold is scaled by one factor, ``t + s (e - t)``: the hottest
+    cells, which carry the sum, are scaled by almost the same ratio as a plain rescaling would, but
+    a cell just above the threshold stays there. A plain rescaling by 0.6 would push every cell
+    below 0.17 MeV under a 0.1 MeV threshold and take those hits out of the shower (and out of the
+    hit count the totals model drew). A visible energy at or below ``n t`` cannot be met with ``n``
+    cells above ``t``: the cells then all sit just above the threshold.
+    """
+    e = energies.astype(np.float64)
+    above = e - threshold_mev
+    spare = float(above.sum())
+    if len(e) == 0 or spare <= 0:
+        return energies
+    scale = max((visible_mev - threshold_mev * len(e)) / spare, 1e-6)
+    return (threshold_mev + scale * above).astype(energies.dtype)
