@@ -58,7 +58,6 @@ W_ELECTRON = AdapterConfig(
 PB_ELECTRON = AdapterConfig(class_name="G4_Pb:e-", init_from="G4_W:e-", condition=True)
 
 
-
 def base_model(seed: int = 0) -> CaloFM:
     torch.manual_seed(seed)
     return CaloFM(preset("tiny"), TOKENS, DET, BASE).eval()
@@ -464,7 +463,9 @@ def test_one_generate_call_mixes_base_and_adapted_classes():
             np.testing.assert_array_equal(mixed.energies, single.energies)
             others = [x for x in out if x != c]
             for other in others:
-                wrong = generate(model, other, energies[i : i + 1], seed=0, max_hits=20, first_row=i)
+                wrong = generate(
+                    model, other, energies[i : i + 1], seed=0, max_hits=20, first_row=i
+                )
                 w = wrong[0][other]
                 if mixed.n_hits[0] < 2:  # an empty or one-hit shower may well be the same
                     continue

@@ -15,7 +15,6 @@ from calofm.model import CaloFM, model_hash, preset, save_model
 BUDGET = ["--max-steps", "2", "--n-events", "12", "--batch-size", "6", "--device", "cpu"]
 
 
-
 @pytest.fixture
 def base_dir(tmp_path):
     return str(save_model(base_model(), tmp_path / "base", {"preset": "tiny"}))

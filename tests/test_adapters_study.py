@@ -136,7 +136,9 @@ def test_repeats_beyond_the_disjoint_subsets_are_bootstrapped_labelled_and_seede
     assert [a["provenance"]["train"]["seed"] for a in adapters] == [3, 4, 5]
     assert [a["provenance"]["data"]["repeat"] for a in adapters] == [0, 1, 2]
     full = [json.loads((runs / f"full_n10_r{r}" / "manifest.json").read_text()) for r in range(3)]
-    trained = [json.loads((runs / f"full_n10_r{r}" / "training.json").read_text()) for r in range(3)]
+    trained = [
+        json.loads((runs / f"full_n10_r{r}" / "training.json").read_text()) for r in range(3)
+    ]
     assert [t["train_config"]["seed"] for t in trained] == [3, 4, 5]
     data = [m["provenance"]["data"] for m in full]
     assert [d["seed"] for d in data] == [3, 3, 3] and [d["repeat"] for d in data] == [0, 1, 2]

@@ -23,7 +23,6 @@ SMALL_DET = DetectorConfig(absorber_mm=(2.1,) * 4, nx=5, ny=6)
 SMALL_TOK = TokenizerConfig.for_detector(SMALL_DET, scheme="log", n_bins=16, max_mev=20.0)
 
 
-
 def head(kind: str, seed: int = 0) -> FlatVoxelHead | FactorisedVoxelHead:
     torch.manual_seed(seed)
     layers = torch.tensor(SMALL_DET.voxel_to_lxy(np.arange(SMALL_DET.n_voxels))[0])

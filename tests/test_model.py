@@ -19,7 +19,6 @@ from calofm.tokens import TokenizerConfig
 CLASSES = ["G4_W:gamma", "G4_Pb:gamma", "G4_W:e-"]
 
 
-
 # The paper's design: a flat voxel head, the incident energy prepended only, no constraints.
 PAPER_DESIGN = {name: getattr(ModelConfig(), name) for name in DESIGN}
 

@@ -21,7 +21,6 @@ from calofm.pretrained import shipped_models
 GEANT4_RESPONSE = {"G4_W:gamma": (21.6, 2.0), "G4_Ta:gamma": (22.8, 2.7)}
 
 
-
 def test_the_shipped_base_model_loads_by_name_and_its_response_is_geant4s():
     assert "small-w-ta" in shipped_models()
     model = load_model("small-w-ta")
@@ -61,9 +60,7 @@ def test_a_float16_model_loads_as_float32_and_its_hash_is_checked(tmp_path):
         load_model(half)
 
 
-def test_calofm_models_lists_the_shipped_models_and_unknown_names_say_which_exist(
-    capsys, tmp_path
-):
+def test_calofm_models_lists_the_shipped_models_and_unknown_names_say_which_exist(capsys, tmp_path):
     assert main(["models"]) == 0
     assert "small-w-ta" in capsys.readouterr().out
     with pytest.raises(CalofmError, match="shipped: small-w-ta"):
