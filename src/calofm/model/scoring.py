@@ -1,0 +1,154 @@
+"""What the last block's output gives: next-token logits, the training NLLs and the next tokens
+drawn in generation, under the design's constraints (voxels used once, energies that never rise,
+one stop decision). ``TokenScoring`` is a mixin of ``CaloFM``: the heads stay the model's own
+modules, so their tensor names are the model's.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from calofm.model.config import ModelConfig
+from calofm.model.experts import RoutedLinear, Routing
+from calofm.model.sampling import sample
+from calofm.tokens import TokenizerConfig
+
+
+class TokenScoring:
+    """``CaloFM``'s output side, on the model's final norm, heads and buffers."""
+
+    config: ModelConfig
+    tokenizer: TokenizerConfig
+    ln_f: nn.LayerNorm
+    spatial_head: nn.Module
+    energy_head: RoutedLinear
+    energy_ids: torch.Tensor
+    bin_mev: torch.Tensor
+
+    def _energy_logits(
+        self, h: torch.Tensor, routing: Routing, previous: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Energy logits after the final norm; with ``falling_energy`` no bin above ``previous``,
+        with ``single_stop`` never end-of-sequence.
+
+        ``previous`` holds the energy tokens the positions were fed (SOS, PAD: no constraint).
+        """
+        logits = self.energy_head(h, routing)
+        ids = self.energy_ids
+        if self.config.single_stop:  # the energy of a shower that goes on: EOS is not among them
+            logits = logits.masked_fill(ids == self.tokenizer.energy_eos, float("-inf"))
+        if self.config.falling_energy and previous is not None:
+            above = (ids > previous[..., None]) & (ids < self.tokenizer.n_bins)
+            logits = logits.masked_fill(above, float("-inf"))
+        return logits
+
+    def totals_of(
+        self, spatial: torch.Tensor, energy: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hit count (B,) and visible MeV (B,) of token sequences: hits are the regular spatial
+        tokens, the visible energy is the sum of their bins' mean energies (as the state's)."""
+        n_hits = (spatial < self.tokenizer.n_voxels).sum(1)
+        visible = self.bin_mev[energy].sum(1).clamp(min=self.tokenizer.threshold_mev)
+        return n_hits, visible
+
+    def logits(
+        self,
+        h: torch.Tensor,
+        routing: Routing,
+        previous_energy: torch.Tensor | None = None,
+        used: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Spatial logits (B, t, Vs) (log-probabilities for a factorised head) and energy logits
+        (B, t, Ve) from block outputs ``h``; ``previous_energy`` (B, t) the fed energy tokens;
+        ``used`` (B, t, voxels) the voxels each position's shower has (a head that reads them)."""
+        h = self.ln_f(h)
+        if used is None:
+            spatial = self.spatial_head.scores(h, routing=routing)
+        else:
+            spatial = self.spatial_head.scores(h, routing=routing, used=used)
+        return spatial, self._energy_logits(h, routing, previous_energy)
+
+    def used_voxels(self, spatial: torch.Tensor) -> torch.Tensor:
+        """(B, t, voxels) bool: the voxels among tokens 0..j of ``spatial`` (B, t), per j."""
+        n = self.tokenizer.n_voxels
+        hits = F.one_hot(spatial.clamp(max=n), n + 1)[..., :n]
+        return hits.cumsum(dim=1) > 0
+
+    def _nll(
+        self,
+        h: torch.Tensor,
+        spatial_full: torch.Tensor,
+        energy_full: torch.Tensor,
+        routing: Routing,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(spatial NLL, energy NLL) in nats per token of full (B, T+1) sequences, from the last
+        block's outputs ``h`` (B, T, d) at their first T tokens.
+
+        PAD targets are ignored; with ``single_stop`` the energy stream's EOS targets count zero
+        nats (the voxel head predicts the end), so both NLLs stay means over the same target
+        tokens and batch means combine exactly (validation, DDP). With ``exclude_used_voxels``
+        each position's voxel distribution is renormalised over the voxels the shower does not
+        have yet; with ``falling_energy`` the energy distribution over the bins not above the
+        previous one: the distributions sampled.
+        """
+        tok = self.tokenizer
+        inputs_s, inputs_e = spatial_full[:, :-1], energy_full[:, :-1]
+        targets_s, targets_e = spatial_full[:, 1:], energy_full[:, 1:]
+        h = self.ln_f(h)
+        history = inputs_s if self.config.exclude_used_voxels else None
+        log_p = self.spatial_head.log_prob(h, targets_s, history, routing=routing)
+        real = targets_s != tok.spatial_pad
+        nll_s = -torch.where(real, log_p, torch.zeros_like(log_p)).sum() / real.sum().clamp(min=1)
+        le = self._energy_logits(h, routing, inputs_e)
+        n_targets = (targets_e != tok.energy_pad).sum().clamp(min=1)
+        if self.config.single_stop:  # the end is the voxel head's to predict
+            targets_e = targets_e.masked_fill(targets_e == tok.energy_eos, tok.energy_pad)
+        nll_e = (
+            F.cross_entropy(
+                le.flatten(0, 1).float(),
+                targets_e.flatten(),
+                ignore_index=tok.energy_pad,
+                reduction="sum",
+            )
+            / n_targets
+        )
+        return nll_s, nll_e
+
+    @torch.no_grad()
+    def next_tokens(
+        self,
+        h: torch.Tensor,
+        routing: Routing,
+        u: torch.Tensor | None,
+        used: torch.Tensor | None,
+        previous_energy: torch.Tensor,
+        temperature: float | torch.Tensor,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        can_end: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draw the next (voxel, energy bin) per row from the last block's output ``h`` (B, d).
+
+        ``u`` (B, 4): the row's uniforms for this step (layer, x, y, energy; a flat head uses the
+        first for the voxel); ``used`` (B, n_voxels) the voxels never to draw again (or None);
+        ``previous_energy`` (B,) the last energy token fed; ``can_end`` (B,) bool: rows whose
+        voxel head may end the shower here (None: all). SOS and PAD never come out.
+        """
+        tok = self.tokenizer
+        h = self.ln_f(h)
+        s = self.spatial_head.sample(
+            h,
+            None if u is None else u[:, :3],
+            used,
+            temperature,
+            top_k,
+            top_p,
+            routing=routing,
+            can_end=can_end,
+        )
+        le = self._energy_logits(h, routing, previous_energy).float()
+        le[:, tok.energy_sos] = le[:, tok.energy_pad] = float("-inf")  # no index tensors
+        e = sample(le, None if u is None else u[:, 3], temperature, top_k, top_p)
+        return s, e
