@@ -15,7 +15,8 @@ from calofm.cli import main
 from calofm.data.formats import incident_energies, write_showers
 from calofm.evaluation.metrics import MetricConfig, format_number
 from calofm.evaluation.observables import ObservableConfig, observable_list
-from calofm.evaluation.report import evaluate, verdict
+from calofm.evaluation.report import evaluate
+from calofm.evaluation.verdicts import verdict
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

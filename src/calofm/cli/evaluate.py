@@ -117,7 +117,8 @@ def _descriptions(items: list[str], names: list[str]) -> dict[str, str]:
 def run(args: argparse.Namespace) -> int:
     from calofm.evaluation.metrics import MetricConfig, format_number
     from calofm.evaluation.observables import ObservableConfig
-    from calofm.evaluation.report import FLOOR, REPORT_FILE, evaluate
+    from calofm.evaluation.report import REPORT_FILE, evaluate
+    from calofm.evaluation.verdicts import FLOOR
 
     names = args.names or [p.stem for p in args.candidates]
     if len(names) != len(args.candidates):
