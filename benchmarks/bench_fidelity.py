@@ -65,6 +65,13 @@ ARMS = {
     "small+occupancy": {**DESIGN, "totals": True, "voxel_occupancy": True},
     # layer, then (x, y) among the layer's cells: used cells leave their layer's distribution
     "small+layered": {**DESIGN, "voxel_head": "layered", "voxel_occupancy": False},
+    # ... and every position sees the mean energy per hit still to come
+    "small+layered+perhit": {
+        **DESIGN,
+        "voxel_head": "layered",
+        "voxel_occupancy": False,
+        "energy_left_per_hit": True,
+    },
 }
 CLASSES = {"G4_W:gamma": "W", "G4_Ta:gamma": "Ta"}
 HEADLINE = ("energy_sum", "response", "n_hits", "cog_z", "cog_x", "energy_per_layer")

@@ -15,7 +15,7 @@ from calofm.errors import CalofmError
 from calofm.generation.engine import N_UNIFORMS, decode, generate
 from calofm.generation.sampler import SamplingConfig
 from calofm.model import CaloFM, ModelConfig, preset, with_overrides
-from calofm.model.conditions import Conditions
+from calofm.model.conditions import LOG_MEV_SCALE, Conditions
 from calofm.model.heads import FactorisedVoxelHead, FlatVoxelHead
 from calofm.tokens import TokenizerConfig
 
@@ -182,6 +182,22 @@ def test_cached_decoding_carries_the_shower_state_between_steps():
     )
     assert_steps_match(
         model, s, e, torch.tensor([0.1, -0.3, 0.9]), torch.tensor([1, 1, 0]), [4, 1, 9]
+    )
+
+
+def test_energy_left_per_hit_is_the_visible_energy_left_over_the_hits_left():
+    with pytest.raises(CalofmError, match="energy_left_per_hit"):
+        small_model(energy_left_per_hit=True)  # needs the totals it divides
+    model = small_model(totals=True, energy_left_per_hit=True)
+    cond = Conditions(torch.tensor([0.1, 0.5]), torch.tensor([10, 40]), torch.tensor([60.0, 900.0]))
+    deposited, hits = torch.tensor([[0.0, 30.0], [0.0, 899.95]]), torch.tensor([[0.0, 4], [0, 39]])
+    state = model._state(deposited, hits, cond, torch.float32)
+    assert state.shape == (2, 2, 5)
+    per_hit = torch.tensor([[6.0, 5.0], [22.5, 0.1]])  # MeV left / hits left; never below 0.1
+    torch.testing.assert_close(state[..., 4], torch.log(per_hit / 0.1) / LOG_MEV_SCALE)
+    # the decode step's (B,) form gives the same features as the full pass's (B, t) form
+    torch.testing.assert_close(
+        model._state(deposited[:, 1], hits[:, 1], cond, torch.float32), state[:, 1]
     )
 
 

@@ -27,11 +27,11 @@ from calofm.tokens import TokenizerConfig
 CUDA = torch.cuda.is_available()
 
 
-def totals_model() -> CaloFM:
+def totals_model(**options: bool) -> CaloFM:
     torch.manual_seed(0)
     det = DetectorConfig()
     tok = TokenizerConfig.for_detector(det, n_bins=64, max_hits=40)
-    config = dataclasses.replace(preset("tiny"), totals=True)
+    config = dataclasses.replace(preset("tiny"), totals=True, **options)
     return CaloFM(config, tok, det, ["G4_W:gamma", "G4_Pb:gamma"]).eval()
 
 
@@ -44,7 +44,15 @@ def conditions(model: CaloFM, incident: Conditions | torch.Tensor) -> Conditions
     return cond
 
 
-@pytest.mark.parametrize("make", [tiny_model, totals_model, lambda: tiny_model(paper_design=True)])
+@pytest.mark.parametrize(
+    "make",
+    [
+        tiny_model,
+        totals_model,
+        lambda: totals_model(energy_left_per_hit=True),
+        lambda: tiny_model(paper_design=True),
+    ],
+)
 def test_decode_step_at_per_row_positions_matches_a_full_forward_pass(make):
     """Rows at different positions (as under continuous batching, row 1 starting late) get the
     hidden state of a full causal pass over their own prefix, with every model option."""

@@ -47,6 +47,10 @@ class ModelConfig(FromDict):
     # The factorised head's sub-heads see how full the shower already is where they choose: hits
     # per layer, per x row of the chosen layer, the taken y of the chosen row (needs voxels used once).
     voxel_occupancy: bool = False
+    # Every position also sees the mean energy per hit still to come (the visible energy left over
+    # the hits left): with a falling order the next hit's energy hangs on it, and the network need
+    # not learn a ratio of two of its inputs (needs totals and shower_state).
+    energy_left_per_hit: bool = False
 
     def __post_init__(self) -> None:
         if self.d_model <= 0 or self.n_heads <= 0 or self.n_blocks <= 0 or self.ffn_mult <= 0:
@@ -75,6 +79,11 @@ class ModelConfig(FromDict):
             )
         if self.voxel_head == "layered" and not self.exclude_used_voxels:
             raise CalofmError("model: voxel_head=layered needs exclude_used_voxels=true")
+        if self.energy_left_per_hit and not (self.totals and self.shower_state):
+            raise CalofmError(
+                "model: energy_left_per_hit needs totals=true and shower_state=true "
+                "(or set energy_left_per_hit=false)"
+            )
 
     @property
     def head_reads_used(self) -> bool:

@@ -35,6 +35,7 @@ class StreamInputs:
     """``CaloFM``'s input side, on the model's embeddings, buffers and decode state."""
 
     config: ModelConfig
+    tokenizer: TokenizerConfig
     spatial_embed: nn.Embedding
     energy_embed: nn.Embedding
     incident_embed: nn.Linear
@@ -89,13 +90,26 @@ class StreamInputs:
                 self.deposited.copy_(deposited[:, -1])
             first = start or 0
             hits = torch.arange(first, first + t, device=energy.device, dtype=dtype).expand(b, t)
-            deposited = deposited.to(dtype)
-            state = [torch.log1p(deposited) / LOG_MEV_SCALE, torch.log1p(hits) / LOG_HITS_SCALE]
-            if self.config.totals:  # what is left to deposit, as fractions of the totals
-                state.append(1 - deposited / cond.visible.to(dtype)[:, None].clamp(min=1e-3))
-                state.append(1 - hits / cond.n_hits.to(dtype)[:, None].clamp(min=1))
-            parts.append(torch.stack(state, dim=-1))
+            parts.append(self._state(deposited.to(dtype), hits, cond, dtype))
         return self.context(torch.cat(parts, dim=-1))
+
+    def _state(
+        self, deposited: torch.Tensor, hits: torch.Tensor, cond: Conditions, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """(..., n_state) features of the shower so far from its deposited MeV and hit count,
+        (B, t) on full passes or (B,) in the decode step."""
+        state = [torch.log1p(deposited) / LOG_MEV_SCALE, torch.log1p(hits) / LOG_HITS_SCALE]
+        if self.config.totals:  # what is left to deposit, as fractions of the totals
+            rows = (slice(None),) + (None,) * (deposited.dim() - 1)
+            visible = cond.visible.to(dtype)[rows].clamp(min=1e-3)
+            n_hits = cond.n_hits.to(dtype)[rows].clamp(min=1)
+            state.append(1 - deposited / visible)
+            state.append(1 - hits / n_hits)
+            if self.config.energy_left_per_hit:  # in units of the hit threshold, log-scaled
+                floor = self.tokenizer.threshold_mev
+                per_hit = (visible - deposited).clamp(min=floor) / (n_hits - hits).clamp(min=1)
+                state.append(torch.log(per_hit / floor).clamp(min=0) / LOG_MEV_SCALE)
+        return torch.stack(state, dim=-1)
 
     def _embed(
         self,
@@ -140,13 +154,8 @@ class StreamInputs:
             fresh = pos <= 1
             deposited = torch.where(fresh, 0.0, self.deposited) + self.bin_mev[energy]
             self.deposited.copy_(deposited)
-            deposited = deposited.to(dtype)
             hits = (pos - 1).clamp(min=0).to(dtype)
-            state = [torch.log1p(deposited) / LOG_MEV_SCALE, torch.log1p(hits) / LOG_HITS_SCALE]
-            if self.config.totals:
-                state.append(1 - deposited / cond.visible.to(dtype).clamp(min=1e-3))
-                state.append(1 - hits / cond.n_hits.to(dtype).clamp(min=1))
-            parts.append(torch.stack(state, dim=-1))
+            parts.append(self._state(deposited.to(dtype), hits, cond, dtype))
         return self.context(torch.cat(parts, dim=-1))[:, None, :]
 
     def _step_embed(

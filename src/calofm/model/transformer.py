@@ -70,7 +70,8 @@ class CaloFM(StreamInputs, TokenScoring, nn.Module):
         self.register_buffer("bin_mev", bin_mev, persistent=False)
         energy_ids = torch.arange(tokenizer.energy_vocab)
         self.register_buffer("energy_ids", energy_ids, persistent=False)
-        n_state = (2 + 2 * config.totals) * config.shower_state  # remaining hits/energy too
+        # remaining hits/energy too, and the energy per hit still to come
+        n_state = (2 + 2 * config.totals + config.energy_left_per_hit) * config.shower_state
         n_context = (
             Conditions.N_FEATURES * config.condition_every_position
             + Conditions.N_TOTALS * config.totals
