@@ -25,7 +25,8 @@ from conftest import make_toy_showers
 from test_model import tiny_model
 
 from calofm.cli import main
-from calofm.data.formats import ShowerWriter, write_showers
+from calofm.data.formats import write_showers
+from calofm.data.writers import ShowerWriter
 from calofm.detector import DetectorConfig
 from calofm.model import save_model
 

@@ -4,8 +4,9 @@ import pytest
 import showerdata
 
 from calofm.cli import main
-from calofm.data.formats import ShowerWriter, file_info, iter_showers, read_showers, write_showers
+from calofm.data.formats import file_info, iter_showers, read_showers, write_showers
 from calofm.data.showers import SparseShowers, concatenate
+from calofm.data.writers import ShowerWriter
 from calofm.detector import DetectorConfig
 from calofm.errors import CalofmError
 

@@ -7,7 +7,8 @@ import pytest
 from test_model import tiny_model
 
 from calofm.cli import main
-from calofm.data.formats import ShowerWriter, file_info, read_all
+from calofm.data.formats import file_info, read_all
+from calofm.data.writers import ShowerWriter
 from calofm.model import model_hash, save_model
 
 

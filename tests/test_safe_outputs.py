@@ -13,13 +13,8 @@ from conftest import make_toy_showers
 from test_model import tiny_model
 
 from calofm.cli import main
-from calofm.data.formats import (
-    GettingHighWriter,
-    ShowerWriter,
-    file_info,
-    read_all,
-    write_showers,
-)
+from calofm.data.formats import file_info, read_all, write_showers
+from calofm.data.writers import GettingHighWriter, ShowerWriter
 from calofm.detector import DetectorConfig
 from calofm.errors import CalofmError
 from calofm.files import atomic_output

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from calofm.cli._args import positive_int
-from calofm.data.formats import FORMATS
+from calofm.data.layouts import FORMATS
 from calofm.errors import CalofmError
 
 
@@ -46,7 +46,8 @@ def signature(info, fmt: str) -> str:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from calofm.data.formats import file_info, file_metadata, open_writer, read_showers
+    from calofm.data.formats import file_info, read_showers
+    from calofm.data.writers import file_metadata, open_writer
     from calofm.files import check_output_file, partial_path
 
     info = file_info(args.input)

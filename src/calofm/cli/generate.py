@@ -197,8 +197,8 @@ def _run(
     from tqdm import tqdm
 
     from calofm import __version__
-    from calofm.data.formats import ShowerWriter, file_metadata
     from calofm.data.showers import SparseShowers
+    from calofm.data.writers import ShowerWriter, file_metadata
     from calofm.errors import CalofmError
     from calofm.files import partial_path
     from calofm.generation.decoder import auto_batch_size, bytes_per_shower

@@ -17,7 +17,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from calofm.data.formats import META_ATTR, ShowerFileInfo, file_info
+from calofm.data.formats import file_info
+from calofm.data.layouts import META_ATTR, ShowerFileInfo
 from calofm.errors import CalofmError
 from calofm.files import atomic_output
 

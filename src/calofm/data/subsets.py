@@ -23,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from calofm.data.formats import ShowerFileInfo, file_info, read_showers
+from calofm.data.formats import file_info, read_showers
+from calofm.data.layouts import ShowerFileInfo
 from calofm.data.showers import SparseShowers, concatenate
 from calofm.errors import CalofmError
 

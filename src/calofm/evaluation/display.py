@@ -19,7 +19,8 @@ from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from calofm.data.formats import ShowerFileInfo, file_info, incident_energies, read_showers
+from calofm.data.formats import file_info, incident_energies, read_showers
+from calofm.data.layouts import ShowerFileInfo
 from calofm.data.showers import SparseShowers
 from calofm.detector import material_short
 from calofm.errors import CalofmError

@@ -30,8 +30,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from calofm.data.formats import ShowerWriter, file_metadata
 from calofm.data.showers import SparseShowers, concatenate
+from calofm.data.writers import ShowerWriter, file_metadata
 from calofm.detector import DetectorConfig
 from calofm.errors import CalofmError
 from calofm.files import check_output_file
