@@ -31,7 +31,8 @@ from calofm.tokens import Tokenizer
 from calofm.training import distributed
 from calofm.training.config import TrainConfig, preset_defaults
 from calofm.training.data import build_datasets, fit_tokenizer, load_classes
-from calofm.training.trainer import evaluate, train
+from calofm.training.steps import evaluate
+from calofm.training.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
 

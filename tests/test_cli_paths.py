@@ -23,19 +23,19 @@ from calofm.cli import main
 from calofm.data.formats import file_info, read_all
 from calofm.generation.engine import generate
 from calofm.model import load_model, save_model
-from calofm.training import trainer
+from calofm.training import run as training_run
 
 
 def interrupt_at(monkeypatch, at_step: int) -> None:
     """Send SIGINT to this process while step ``at_step`` (0-based) trains."""
-    schedule = trainer.learning_rate
+    schedule = training_run.learning_rate
 
     def learning_rate(config, step, total, elapsed):
         if step == at_step:
             os.kill(os.getpid(), signal.SIGINT)
         return schedule(config, step, total, elapsed)
 
-    monkeypatch.setattr(trainer, "learning_rate", learning_rate)
+    monkeypatch.setattr(training_run, "learning_rate", learning_rate)
 
 
 def assert_same_showers(a, b) -> None:

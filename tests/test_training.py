@@ -17,7 +17,9 @@ from calofm.model import CaloFM, load_model, preset
 from calofm.tokens import Tokenizer, TokenizerConfig
 from calofm.training import distributed
 from calofm.training.config import TrainConfig
-from calofm.training.trainer import evaluate, learning_rate, train
+from calofm.training.schedule import learning_rate
+from calofm.training.steps import evaluate
+from calofm.training.trainer import train
 
 DET = DetectorConfig(absorber_mm=(2.1,) * 6, nx=6, ny=6)
 CLASSES = ["G4_W:gamma", "G4_Ta:gamma"]
@@ -225,10 +227,10 @@ class FakeClock:
 
 
 def test_time_limit_stops_the_run_and_still_validates_and_saves(tmp_path, monkeypatch):
-    import calofm.training.trainer as trainer_module
+    import calofm.training.run as run_module
 
     train_set, val_set = datasets()
-    monkeypatch.setattr(trainer_module, "time", FakeClock())
+    monkeypatch.setattr(run_module, "time", FakeClock())
     config = TrainConfig(time_limit_min=1.0, max_steps=500, batch_size=8, warmup_steps=2)
     result = train(
         model(), train_set, val_set, config, None, tmp_path, device="cpu", progress=False

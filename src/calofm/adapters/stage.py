@@ -25,7 +25,8 @@ from calofm.tokens import Tokenizer
 from calofm.training import distributed
 from calofm.training.config import TrainConfig
 from calofm.training.data import build_datasets, load_classes
-from calofm.training.trainer import CHECKPOINT_DIR, TrainResult, train
+from calofm.training.run import CHECKPOINT_DIR, TrainResult
+from calofm.training.trainer import train
 
 PROBE_TOKENS = 16
 

@@ -54,7 +54,7 @@ def plan_run_dir(
     """Check ``out`` before training and decide whether to resume and what to remove."""
     from calofm.files import check_output_dir
     from calofm.training.checkpoint import find_checkpoint
-    from calofm.training.trainer import CHECKPOINT_DIR, LOG_FILE, PLOT_FILE, SUMMARY_FILE
+    from calofm.training.run import CHECKPOINT_DIR, LOG_FILE, PLOT_FILE, SUMMARY_FILE
 
     out = Path(out)
     if resume and overwrite:

@@ -36,7 +36,8 @@ from calofm.model.transformer import CaloFM
 from calofm.study.figures import FIGURE_DIR, group_label, plot_study_observables
 from calofm.training.config import TrainConfig
 from calofm.training.distributed import resolve_device
-from calofm.training.trainer import CHECKPOINT_DIR, SUMMARY_FILE, train
+from calofm.training.run import CHECKPOINT_DIR, SUMMARY_FILE
+from calofm.training.trainer import train
 
 METHODS = ("expert", "expert+condition", "full")
 SUMMARY = "study.json"

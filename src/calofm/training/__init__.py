@@ -1,7 +1,10 @@
 """One trainer for pre-training and every adaptation stage (DDP, checkpoints, exact resume, logs)."""
 
 from calofm.training.config import PRESET_DEFAULTS, TrainConfig, preset_defaults
-from calofm.training.trainer import TrainResult, evaluate, learning_rate, train
+from calofm.training.run import TrainResult
+from calofm.training.schedule import learning_rate
+from calofm.training.steps import evaluate
+from calofm.training.trainer import train
 
 __all__ = [
     "PRESET_DEFAULTS",
