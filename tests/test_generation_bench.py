@@ -8,7 +8,8 @@ from dataclasses import replace
 import pytest
 
 from calofm.cli import main
-from calofm.generation.benchmark import BenchSettings, StepTimes, format_table, run_benchmark
+from calofm.generation.benchmark import BenchSettings, format_table, run_benchmark
+from calofm.generation.step_timing import StepTimes
 
 TOY = BenchSettings(
     preset="tiny",

@@ -40,10 +40,10 @@ import torch
 from calofm import __version__
 from calofm.detector import DetectorConfig
 from calofm.errors import CalofmError
-from calofm.generation.benchmark import clock, fixed_length
 from calofm.generation.decoder import N_UNIFORMS, EngineConfig
 from calofm.generation.engine import decode, generate
 from calofm.generation.sampler import SamplingConfig
+from calofm.generation.step_timing import clock, fixed_length
 from calofm.model.config import preset
 from calofm.model.seeding import seeded_init
 from calofm.model.transformer import CaloFM
