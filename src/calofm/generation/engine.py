@@ -268,19 +268,16 @@ def generate(
         rngs: dict[int, np.random.Generator] = {}  # of the showers being decoded
         visible: dict[int, float] = {}  # their drawn visible energies (models with totals)
 
-        def start(slots: np.ndarray, todo: np.ndarray, dec: StaticDecoder) -> None:
-            """Load the showers of rows ``todo`` (one class) into ``slots``."""
+        def start(
+            slots: np.ndarray, todo: np.ndarray, cond: Conditions, dec: StaticDecoder
+        ) -> None:
+            """Load the showers of rows ``todo`` (one class), conditions ``cond``, into ``slots``."""
             for r in todo:
                 rngs[r] = seeded_rng(seed, ROWS, first_row + r)
             uniforms = None
             if not sampling.greedy:
                 draws = np.stack([rngs[r].random((max_hits + 1, N_UNIFORMS)) for r in todo])
                 uniforms = torch.from_numpy(draws)
-            cond = Conditions(torch.from_numpy(scaled[todo]).to(dev))
-            if model.totals is not None:
-                u = np.stack([seeded_rng(seed, TOTALS, first_row + r).random(3) for r in todo])
-                cond = draw_totals(model, cond, int(class_ids[todo[0]]), u, max_hits)
-                visible.update(zip(todo.tolist(), cond.visible.cpu().tolist(), strict=True))
             dec.load(slots, cond, uniforms)
 
         for name in dict.fromkeys(per_row):
@@ -290,15 +287,24 @@ def generate(
             n_slots = min(batch_size, len(rows))
             class_id = torch.full((n_slots,), int(class_ids[rows[0]]), device=dev)
             slot_row = np.full(n_slots, -1)
+            cond = Conditions(torch.from_numpy(scaled[rows]).to(dev))
+            queue = list(range(len(rows)))  # positions in ``rows``
+            if model.totals is not None:
+                u = np.stack([seeded_rng(seed, TOTALS, first_row + r).random(3) for r in rows])
+                cond = draw_totals(model, cond, int(class_ids[rows[0]]), u, max_hits)
+                visible.update(zip(rows.tolist(), cond.visible.cpu().tolist(), strict=True))
+                # Longest first: the showers decoded side by side then end together, and attention
+                # covers the positions they have reached, not those of one long straggler.
+                queue = np.argsort(-cond.n_hits.cpu().numpy(), kind="stable").tolist()
             with StaticDecoder(model, class_id, sampling, max_hits, engine) as dec:
                 stats["kv_cache_bytes_per_shower"] = dec.kv_cache_bytes_per_shower()
-                queue = list(rows)
                 while queue or dec.busy():
                     free = np.flatnonzero(slot_row < 0)
                     if queue and len(free) and (continuous or len(free) == n_slots):
-                        todo = np.array(queue[: len(free)])
-                        del queue[: len(todo)]
-                        start(free[: len(todo)], todo, dec)
+                        picked = np.array(queue[: len(free)])
+                        del queue[: len(picked)]
+                        todo = rows[picked]
+                        start(free[: len(todo)], todo, cond[torch.from_numpy(picked)], dec)
                         slot_row[free[: len(todo)]] = todo
                     dec.run(dec.config.check_every)
                     out = dec.finished()

@@ -217,11 +217,14 @@ class FactorisedVoxelHead(nn.Module):
         column = in_row.to(dtype) @ F.one_hot(h_y, self.ny).to(dtype)
         return Occupancy(torch.log1p(layers), torch.log1p(rows), column.clamp(max=1))
 
-    def _used_occupancy(self, used: torch.Tensor) -> Occupancy:
+    def _used_occupancy(self, used: torch.Tensor) -> tuple[Occupancy, torch.Tensor]:
         """Occupancy of every layer, row and column from a (..., voxels) mask: ``layers``
-        (..., L), ``rows`` (..., L, X) and ``column`` (..., L, X, Y), indexed by the choice."""
+        (..., L), ``rows`` (..., L, X) and ``column`` (..., L, X, Y), indexed by the choice; and
+        the hits per row (..., L, X), from one pass over the mask (sampling masks full rows
+        and layers with them)."""
         grid = used.to(self.x_occ.weight.dtype).unflatten(-1, (self.n_layers, self.nx, self.ny))
-        return Occupancy(torch.log1p(grid.sum((-2, -1))), torch.log1p(grid.sum(-1)), grid)
+        per_row = grid.sum(-1)
+        return Occupancy(torch.log1p(per_row.sum(-1)), torch.log1p(per_row), grid), per_row
 
     def _split(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(layer, x, y) of spatial ids; special ids give (0, 0, 0)."""
@@ -281,7 +284,7 @@ class FactorisedVoxelHead(nn.Module):
         if self.occupancy:
             if used is None:
                 raise CalofmError("voxel head: an occupancy-aware head needs the used voxels")
-            occ_layers, occ_rows, occ_columns = self._used_occupancy(used)
+            (occ_layers, occ_rows, occ_columns), _ = self._used_occupancy(used)
         lp_layer = torch.log_softmax(self._layer_logits(h, layer_bias, occ_layers).float(), -1)
         hx = self.x_in(h)[..., None, :] + self.x_layer.weight  # (..., L, d)
         if occ_rows is not None:
@@ -318,22 +321,25 @@ class FactorisedVoxelHead(nn.Module):
         b = h.shape[0]
         rows = torch.arange(b, device=h.device)
         grid = None if used is None else used.view(b, self.n_layers, self.nx, self.ny)
-        occ = None
+        occ = per_row = None
         if self.occupancy:
             if used is None:
                 raise CalofmError("voxel head: an occupancy-aware head needs the used voxels")
-            occ = self._used_occupancy(used.view(b, -1))
+            occ, per_row = self._used_occupancy(used.view(b, -1))
+        elif grid is not None:
+            per_row = grid.sum(-1)
         logits = self._layer_logits(h, layer_bias, None if occ is None else occ.layers).float()
         if can_end is not None:
             logits[:, self.n_layers].masked_fill_(~can_end, float("-inf"))
-        if grid is not None:
-            logits[:, : self.n_layers].masked_fill_(grid.flatten(2).all(-1), float("-inf"))
+        if per_row is not None:
+            full = per_row.sum(-1) == self.nx * self.ny
+            logits[:, : self.n_layers].masked_fill_(full, float("-inf"))
         layer = sample(logits, None if u is None else u[:, 0], temperature, top_k, top_p)
         end = layer == self.n_layers
         layer = layer.clamp(max=self.n_layers - 1)
         logits = self._x_logits(h, layer, None if occ is None else occ.rows[rows, layer]).float()
-        if grid is not None:
-            logits.masked_fill_(grid[rows, layer].all(-1), float("-inf"))
+        if per_row is not None:
+            logits.masked_fill_(per_row[rows, layer] == self.ny, float("-inf"))
         x = sample(logits, None if u is None else u[:, 1], temperature, top_k, top_p)
         column = None if occ is None else occ.column[rows, layer, x]
         logits = self._y_logits(h, layer, x, column).float()

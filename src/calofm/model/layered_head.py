@@ -141,10 +141,11 @@ class LayeredVoxelHead(nn.Module):
             raise CalofmError("voxel head: the layered head needs the shower's used voxels")
         b = h.shape[0]
         grid = used.view(b, self.n_layers, self.n_cells)
-        logits = self._layer_logits(h, grid.sum(-1), layer_bias).float()
+        per_layer = grid.sum(-1)
+        logits = self._layer_logits(h, per_layer, layer_bias).float()
         if can_end is not None:
             logits[:, self.n_layers].masked_fill_(~can_end, float("-inf"))
-        logits[:, : self.n_layers].masked_fill_(grid.all(-1), float("-inf"))
+        logits[:, : self.n_layers].masked_fill_(per_layer == self.n_cells, float("-inf"))
         layer = sample(logits, None if u is None else u[:, 0], temperature, top_k, top_p)
         end = layer == self.n_layers
         layer = layer.clamp(max=self.n_layers - 1)
