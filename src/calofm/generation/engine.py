@@ -10,7 +10,8 @@ next shower, so long showers do not hold a whole batch back.
 A model with shower totals (``ModelConfig.totals``) first draws each shower's hit count and
 visible energy; the shower then ends at exactly that hit count (end-of-sequence is masked before it
 and forced at it), and its cell energies above the hit threshold are scaled so that they sum to the
-drawn visible energy (``match_visible``: every hit stays a hit).
+drawn visible energy (``match_visible``: every hit stays a hit). Knowing every length in advance,
+the showers are decoded longest first, so that those side by side end together.
 
 Reproducibility: row ``r`` (counted from ``first_row``) draws all its randomness (four uniforms
 per step, and the energies inside their bins) from its own stream
