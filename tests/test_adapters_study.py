@@ -65,7 +65,8 @@ def test_repeat_band_is_the_mean_with_spread_and_statistical_error_in_quadrature
 
 
 def test_repeats_of_a_study_train_with_different_seeds_on_disjoint_subsets(tmp_path):
-    from calofm.study.finetune import StudyConfig, _train_run
+    from calofm.study.config import StudyConfig
+    from calofm.study.runs import train_run
     from calofm.training.config import TrainConfig
 
     torch.set_num_threads(1)
@@ -77,7 +78,7 @@ def test_repeats_of_a_study_train_with_different_seeds_on_disjoint_subsets(tmp_p
     train_config = TrainConfig(max_steps=1, batch_size=3, seed=3)
     manifests = []
     for r in range(2):
-        _train_run(base, config, train_config, "expert", 6, r, tmp_path / f"r{r}", "cpu")
+        train_run(base, config, train_config, "expert", 6, r, tmp_path / f"r{r}", "cpu")
         manifests.append(json.loads((tmp_path / f"r{r}" / "adapter.json").read_text()))
     seeds = [m["provenance"]["train"]["seed"] for m in manifests]
     assert seeds == [3, 4]  # initialisation, shuffling

@@ -88,7 +88,8 @@ def run_finetune(args: argparse.Namespace) -> int:
     from calofm.cli._stage import stage_train_config
     from calofm.errors import CalofmError
     from calofm.model.config import class_name
-    from calofm.study.finetune import StudyConfig, run_finetune_study
+    from calofm.study.config import StudyConfig
+    from calofm.study.finetune import run_finetune_study
 
     classes = list(load_model_with_adapters(args.model, args.adapter).classes)
     forgetting = []
