@@ -243,19 +243,21 @@ def test_quickstart_overwrite_recomputes_exactly_the_steps_other_settings_change
     import shutil
 
     from calofm.cli import build_parser
-    from calofm.cli.quickstart import _fingerprints, _make_plan, _plan, _steps
+    from calofm.cli._quickstart_plan import make_plan
+    from calofm.cli._quickstart_runner import fingerprints, plan_actions
+    from calofm.cli._quickstart_steps import make_steps
     from calofm.pretrained import resolve_model
 
     def plan(records, *options, overwrite=True):
         args = build_parser().parse_args(["quickstart", "--out", str(tmp_path), *options])
-        steps = _steps(_make_plan(args))
-        prints = _fingerprints(steps, ignore=("--workers",))
+        steps = make_steps(make_plan(args))
+        prints = fingerprints(steps, ignore=("--workers",))
         records = {k: {"fingerprint": v} for k, v in records.items()}
-        return _plan(steps, prints, records, overwrite), prints
+        return plan_actions(steps, prints, records, overwrite), prints
 
     actions, made = plan({})
     args = build_parser().parse_args(["quickstart", "--out", str(tmp_path)])
-    for step in _steps(_make_plan(args)):
+    for step in make_steps(make_plan(args)):
         step.output.parent.mkdir(parents=True, exist_ok=True)
         step.output.write_text("done")
 

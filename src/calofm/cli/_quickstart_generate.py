@@ -1,4 +1,4 @@
-"""The quickstart's generation steps: every class in one mixed call, and the base-class probe.
+"""The quickstart's generation step: every class in one mixed call, one showerdata file per class.
 
 Rows of all classes are interleaved (row r is class r mod K) and go to ``generate`` in tasks of
 ``task_rows`` rows, so every call holds every class, each row routed to its own expert (the
@@ -10,6 +10,8 @@ interrupted run resumes at the first missing task.
 
 from __future__ import annotations
 
+import json
+import math
 import multiprocessing
 import os
 import time
@@ -21,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from calofm.cli._quickstart_plan import Plan
 from calofm.data.showers import SparseShowers
 from calofm.detector import DetectorConfig
 from calofm.errors import CalofmError
@@ -75,12 +78,13 @@ def _decode_batch(task: tuple) -> tuple[int, dict[str, dict[str, np.ndarray]], f
         max_hits=max_hits,
         first_row=first_row,
     )
-    arrays = {c: _arrays(s) for c, s in showers.items()}
+    arrays = {c: shower_arrays(s) for c, s in showers.items()}
     arrays["_stats"] = {k: np.array(stats[k]) for k in ("n_hits", "n_duplicates", "n_truncated")}
     return index, arrays, time.perf_counter() - start, time.process_time() - cpu
 
 
-def _arrays(showers: SparseShowers) -> dict[str, np.ndarray]:
+def shower_arrays(showers: SparseShowers) -> dict[str, np.ndarray]:
+    """A set's arrays by name, as the batch and probe files store them."""
     return {
         "offsets": showers.offsets,
         "voxels": showers.voxels,
@@ -227,57 +231,76 @@ def to_showers(
     )
 
 
-def probe(
-    model_dir: str,
-    adapters: list[str],
-    classes: list[str],
-    n_per_class: int,
-    energy_gev: tuple[float, float],
-    seed: int,
-    max_hits: int | None,
-) -> dict[str, np.ndarray]:
-    """The showers of ``classes`` for one fixed batch (seed, rows, energies), generated on one
-    thread: the same call before and after a stage must give the same bytes."""
-    import torch
+def generate_all(plan: Plan) -> None:
+    """Every class in one mixed call, into one showerdata file per class."""
+    from tqdm import tqdm
 
     from calofm.adapters import load_model_with_adapters
-    from calofm.generation.engine import generate
+    from calofm.data.formats import write_showers
+    from calofm.generation.sampler import SamplingConfig
+    from calofm.model.config import parse_class
+    from calofm.pretrained import resolve_model
 
-    per_row = row_classes(classes, n_per_class)
-    incident = incident_energies(seed, len(per_row), energy_gev)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        model = load_model_with_adapters(model_dir, adapters, "cpu")
-        showers, _ = generate(
-            model, per_row, incident, seed=seed, batch_size=len(per_row), max_hits=max_hits
+    s = plan.scale
+    model_dir = str(resolve_model(plan.model).resolve())
+    model = load_model_with_adapters(model_dir, [str(plan.expert)], "cpu")
+    composition = model.describe()
+    max_hits = s.max_hits or model.tokenizer.max_hits
+    n_total = s.n_test * len(plan.classes)
+    batches = plan.out / "calofm" / "batches"
+    with tqdm(total=math.ceil(n_total / s.task_rows), unit="task", desc="generate") as bar:
+        per_class, stats = generate_mixed(
+            model_dir,
+            [str(plan.expert)],
+            plan.classes,
+            s.n_test,
+            s.energy_gev,
+            plan.seed,
+            max_hits,
+            s.task_rows,
+            s.slots,
+            plan.workers,
+            batches,
+            progress=bar.update,
         )
-    finally:
-        torch.set_num_threads(threads)
-    return {f"{c}|{k}": v for c, s in showers.items() for k, v in _arrays(s).items()}
-
-
-def save_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    with atomic_output(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-
-
-def load_arrays(path: Path) -> dict[str, np.ndarray]:
-    with np.load(path) as f:
-        return {k: f[k] for k in f.files}
-
-
-def identical(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> dict[str, bool]:
-    """Per class: whether its showers are the same bytes in ``a`` and ``b``."""
-    classes = sorted({k.split("|")[0] for k in (*a, *b)})
-    return {
-        c: all(
-            f"{c}|{k}" in a
-            and f"{c}|{k}" in b
-            and a[f"{c}|{k}"].dtype == b[f"{c}|{k}"].dtype
-            and np.array_equal(a[f"{c}|{k}"], b[f"{c}|{k}"])
-            for k in ("offsets", "voxels", "energies", "incident")
+    for cls in plan.classes:
+        material, particle = parse_class(cls)
+        showers = to_showers(per_class[cls], model.detector.with_material(material), particle)
+        generator = {
+            "program": "calofm quickstart",
+            "model_sha256": composition["base_weights_sha256"],
+            "adapters": composition["adapters"],
+            "class": cls,
+            "sampling": SamplingConfig().to_dict(),
+            "max_hits": max_hits,
+            "seed": plan.seed,
+            "energy_range_gev": list(s.energy_gev),
+            "model": model_dir,
+            "mixed_batch": plan.classes,
+        }
+        write_showers(
+            showers,
+            plan.generated(cls),
+            simulator="calofm-generate",
+            seed=plan.seed,
+            generator=generator,
         )
-        for c in classes
+    result = {
+        "classes": plan.classes,
+        "showers_per_class": s.n_test,
+        "task_rows": s.task_rows,
+        "slots": s.slots,
+        "max_hits": max_hits,
+        "files": {c: str(plan.generated(c)) for c in plan.classes},
+        "seconds_per_shower_one_core": stats["worker_cpu_seconds"] / n_total,
+        **stats,
     }
+    with atomic_output(plan.out / "calofm" / "generation.json") as tmp:
+        tmp.write_text(json.dumps(result, indent=1) + "\n")
+    for path in sorted(batches.iterdir()):
+        path.unlink()
+    batches.rmdir()
+    print(
+        f"generated {n_total} showers ({', '.join(plan.classes)}; {stats['n_truncated']} reached "
+        f"{max_hits} hits) at {result['seconds_per_shower_one_core']:.2f} s per shower per core"
+    )
