@@ -111,8 +111,9 @@ class ModelConfig(FromDict):
 # energies are off: at equal steps they made the hit count and the cell spectrum worse (a low
 # early draw caps every later hit). Shower totals brought the response and the hit count to the
 # Geant4 floor at equal steps (from 33x and 9.5x). The occupancy-aware factorised head took the
-# transverse centre of W photons from 5.3x to 1.0x the floor at 60 minutes; the layered head beat
-# the plain factorised one at 300 equal steps and is next to measure at the full budget.
+# transverse centre of W photons from 5.3x to 1.0x the floor at 60 minutes. The layered head beat
+# the plain factorised one at 300 equal steps; at 60 minutes it halved the hottest hits' escapes
+# but spread the far halo (transverse centre 4.5x, radial profile 8x), so it stays an option.
 DESIGN = dict(
     voxel_head="factorised",
     condition_every_position=True,
