@@ -93,13 +93,44 @@ def _new_partial(partial: Path) -> Iterator[h5py.File]:
         raise
 
 
-class ShowerWriter:
-    """Append showers to a showerdata file in chunks; the file gets its final name on ``finish``.
+class _PartialWriter:
+    """A file written in chunks to ``NAME.partial`` and renamed to its final name on ``finish``.
 
-    The partial file (``NAME.partial``) records how many showers it holds and a signature of the run
-    that writes it, so the same command resumes where an interrupted one stopped; a partial file of
-    another run is refused unless ``replace_partial``.
+    The partial file records how many showers it holds and a signature of the run that writes it,
+    so the same command resumes where an interrupted one stopped; a partial file of another run is
+    refused unless ``replace_partial``.
     """
+
+    def __init__(
+        self, path: str | os.PathLike[str], n_total: int, signature: str, replace_partial: bool
+    ):
+        self.path = Path(path)
+        self.partial = partial_path(self.path)
+        self.n_total = n_total
+        self.signature = signature
+        if _foreign_partial(self.partial, signature, replace_partial):
+            self.partial.unlink()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def n_written(self) -> int:
+        with h5py.File(self.partial, "r") as f:
+            return int(f.attrs["n_written"])
+
+    def finish(self) -> Path:
+        if self.n_written != self.n_total:
+            raise CalofmError(
+                f"{self.path}: only {self.n_written} of {self.n_total} showers written"
+            )
+        with h5py.File(self.partial, "a") as f:
+            del f.attrs["run_signature"]
+            del f.attrs["n_written"]
+        os.replace(self.partial, self.path)
+        return self.path
+
+
+class ShowerWriter(_PartialWriter):
+    """Append showers to a showerdata file in chunks; the file gets its final name on ``finish``."""
 
     def __init__(
         self,
@@ -110,13 +141,7 @@ class ShowerWriter:
         *,
         replace_partial: bool = False,
     ):
-        self.path = Path(path)
-        self.partial = partial_path(self.path)
-        self.n_total = n_total
-        self.signature = signature
-        if _foreign_partial(self.partial, signature, replace_partial):
-            self.partial.unlink()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        super().__init__(path, n_total, signature, replace_partial)
         if not self.partial.exists():
             vlen = h5py.vlen_dtype(np.dtype("float32"))
             with _new_partial(self.partial) as f:
@@ -133,11 +158,6 @@ class ShowerWriter:
                 f.attrs["particle"] = metadata.get("particle", "")
                 f.attrs["run_signature"] = signature
                 f.attrs["n_written"] = 0
-
-    @property
-    def n_written(self) -> int:
-        with h5py.File(self.partial, "r") as f:
-            return int(f.attrs["n_written"])
 
     @property
     def metadata(self) -> dict:
@@ -171,17 +191,6 @@ class ShowerWriter:
             f.attrs["n_written"] = stop
             f.flush()
 
-    def finish(self) -> Path:
-        if self.n_written != self.n_total:
-            raise CalofmError(
-                f"{self.path}: only {self.n_written} of {self.n_total} showers written"
-            )
-        with h5py.File(self.partial, "a") as f:
-            del f.attrs["run_signature"]
-            del f.attrs["n_written"]
-        os.replace(self.partial, self.path)
-        return self.path
-
 
 def _showerdata_version() -> str:
     import showerdata
@@ -189,7 +198,7 @@ def _showerdata_version() -> str:
     return showerdata.__version__
 
 
-class GettingHighWriter:
+class GettingHighWriter(_PartialWriter):
     """Append showers as dense (N, layer, x, y) MeV arrays to ``NAME.partial``, renamed to the
     final name on ``finish``; like ``ShowerWriter``, the same run resumes its partial file."""
 
@@ -203,13 +212,8 @@ class GettingHighWriter:
         *,
         replace_partial: bool = False,
     ):
-        self.path = Path(path)
-        self.partial = partial_path(self.path)
-        self.n_total = n_total
+        super().__init__(path, n_total, signature, replace_partial)
         self.group = f"{detector.nx}x{detector.ny}"
-        if _foreign_partial(self.partial, signature, replace_partial):
-            self.partial.unlink()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.partial.exists():
             return
         with _new_partial(self.partial) as f:
@@ -229,11 +233,6 @@ class GettingHighWriter:
             f.attrs["run_signature"] = signature
             f.attrs["n_written"] = 0
 
-    @property
-    def n_written(self) -> int:
-        with h5py.File(self.partial, "r") as f:
-            return int(f.attrs["n_written"])
-
     def append(self, showers: SparseShowers) -> None:
         start = self.n_written
         stop = start + len(showers)
@@ -244,17 +243,6 @@ class GettingHighWriter:
             f[self.group]["layers"][start:stop] = showers.to_dense()
             f.attrs["n_written"] = stop
             f.flush()
-
-    def finish(self) -> Path:
-        if self.n_written != self.n_total:
-            raise CalofmError(
-                f"{self.path}: only {self.n_written} of {self.n_total} showers written"
-            )
-        with h5py.File(self.partial, "a") as f:
-            del f.attrs["run_signature"]
-            del f.attrs["n_written"]
-        os.replace(self.partial, self.path)
-        return self.path
 
 
 def open_writer(
