@@ -65,7 +65,9 @@ ARMS = {
     "small+occupancy": {**DESIGN, "totals": True, "voxel_occupancy": True},
     # layer, then (x, y) among the layer's cells: used cells leave their layer's distribution
     "small+layered": {**DESIGN, "voxel_head": "layered", "voxel_occupancy": False},
-    # ... and every position sees the mean energy per hit still to come
+    # the occupancy-aware layer head also sees how full each layer's inner rings are
+    "small+rings": {**DESIGN, "ring_occupancy": True},
+    # the layered head, and every position sees the mean energy per hit still to come
     "small+layered+perhit": {
         **DESIGN,
         "voxel_head": "layered",

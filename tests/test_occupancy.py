@@ -14,9 +14,9 @@ from calofm.model.heads import FactorisedVoxelHead
 D = 16
 
 
-def occupancy_head(seed: int = 0) -> FactorisedVoxelHead:
+def occupancy_head(seed: int = 0, rings: bool = False) -> FactorisedVoxelHead:
     torch.manual_seed(seed)
-    head = FactorisedVoxelHead(D, SMALL_TOK, SMALL_DET, occupancy=True)
+    head = FactorisedVoxelHead(D, SMALL_TOK, SMALL_DET, occupancy=True, rings=rings)
     with torch.no_grad():  # make the occupancy weights large enough to matter
         for m in (head.layer_occ, head.x_occ, head.y_occ):
             m.weight.normal_(std=2.0)
@@ -46,10 +46,11 @@ def test_occupancy_needs_the_factorised_head_and_voxels_used_once():
         occupancy_head().scores(torch.randn(1, 3, D))
 
 
-def test_training_log_likelihood_is_the_distribution_scored_from_the_used_voxels():
+@pytest.mark.parametrize("rings", [False, True])
+def test_training_log_likelihood_is_the_distribution_scored_from_the_used_voxels(rings):
     """log_prob's occupancy (one-hot sums over the history) is the one ``scores`` reads from the
     used-voxel mask, and the y already taken in the target's row are renormalised away."""
-    hd = occupancy_head()
+    hd = occupancy_head(rings=rings)
     tok, ny = SMALL_TOK, SMALL_DET.ny
     s, _ = shower_tokens(2, 9, seed=4)
     history, target = s[:, :-1], s[:, 1:]
@@ -114,3 +115,23 @@ def test_a_model_with_occupancy_trains_and_decodes_with_its_cache():
     assert model.spatial_head.x_occ.weight.grad.abs().sum() > 0
     assert model.spatial_head.layer_occ.weight.grad.abs().sum() > 0
     assert_steps_match(model, s, e, inc, cid, [1] * 12)
+
+
+def test_ring_occupancy_tells_a_full_core_from_the_same_hit_count_elsewhere():
+    """Four hits in a layer's 2 x 2 core and four hits in its halo give the layer head the same hit
+    count but different inputs, and only with ring occupancy."""
+    with pytest.raises(CalofmError, match="ring_occupancy"):
+        ModelConfig(voxel_head="factorised", exclude_used_voxels=True, ring_occupancy=True)
+    nx, ny = SMALL_DET.nx, SMALL_DET.ny
+    cx, cy = nx // 2, ny // 2
+    core = [(cx - 1 + i) * ny + cy - 1 + j for i in (0, 1) for j in (0, 1)]
+    halo = [0, 1, ny, ny + 1]  # a corner of layer 0
+    for rings, differs in ((False, False), (True, True)):
+        hd = occupancy_head(rings=rings)
+        occ = []
+        for cells in (core, halo):
+            used = torch.zeros(1, SMALL_TOK.n_voxels, dtype=torch.bool)
+            used[0, cells] = True
+            occ.append(hd._used_occupancy(used)[0].layers)
+        assert (occ[0] != occ[1]).any().item() is differs
+    assert hd._used_occupancy(used)[0].layers.shape[-1] == SMALL_DET.n_layers * 4

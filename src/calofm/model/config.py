@@ -52,6 +52,10 @@ class ModelConfig(FromDict):
     # not learn a ratio of two of its inputs (needs totals and shower_state). At 60 minutes it did
     # not improve the validation loss and made the cell spectrum worse: the design leaves it off.
     energy_left_per_hit: bool = False
+    # The occupancy-aware layer head also sees, per layer, how full the inner rings around the beam
+    # axis are: a layer whose core is taken sends its next hot hit to the first ring, where Geant4
+    # puts it in another layer's core (needs voxel_occupancy).
+    ring_occupancy: bool = False
 
     def __post_init__(self) -> None:
         if self.d_model <= 0 or self.n_heads <= 0 or self.n_blocks <= 0 or self.ffn_mult <= 0:
@@ -80,6 +84,10 @@ class ModelConfig(FromDict):
             )
         if self.voxel_head == "layered" and not self.exclude_used_voxels:
             raise CalofmError("model: voxel_head=layered needs exclude_used_voxels=true")
+        if self.ring_occupancy and not self.voxel_occupancy:
+            raise CalofmError(
+                "model: ring_occupancy needs voxel_occupancy=true (or set ring_occupancy=false)"
+            )
         if self.energy_left_per_hit and not (self.totals and self.shower_state):
             raise CalofmError(
                 "model: energy_left_per_hit needs totals=true and shower_state=true "

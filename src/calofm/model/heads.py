@@ -112,6 +112,11 @@ class FlatVoxelHead(RoutedLinear):
             self.bias[self.eos] = -1e9
 
 
+# Inner rings around the beam axis whose occupancy per layer the layer head sees (ring_occupancy):
+# the 2 x 2 core, the 8 cells around it, the next ring.
+RINGS = 3
+
+
 class Occupancy(NamedTuple):
     """What each sub-head sees of the voxels a shower already has (``voxel_occupancy``).
 
@@ -142,6 +147,7 @@ class FactorisedVoxelHead(nn.Module):
         tokenizer: TokenizerConfig,
         detector: DetectorConfig,
         occupancy: bool = False,
+        rings: bool = False,
     ):
         super().__init__()
         d = d_model
@@ -161,9 +167,17 @@ class FactorisedVoxelHead(nn.Module):
         self.y_x = nn.Embedding(self.nx, d)
         self.y_out = nn.Linear(d, self.ny)
         self.occupancy = occupancy
+        self.rings = rings
+        if rings:  # which ring around the beam axis each (x, y) cell is in; the rest is RINGS
+            if not occupancy:
+                raise CalofmError("voxel head: ring occupancy needs the occupancy-aware head")
+            x, y = torch.meshgrid(torch.arange(self.nx), torch.arange(self.ny), indexing="ij")
+            r = torch.hypot(x - (self.nx - 1) / 2, y - (self.ny - 1) / 2).floor().long()
+            member = F.one_hot(r.flatten().clamp(max=RINGS), RINGS + 1)[:, :RINGS].float()
+            self.register_buffer("ring_member", member, persistent=False)  # (cells, RINGS)
         if occupancy:
             self.layer_in = nn.Linear(d, d)
-            self.layer_occ = nn.Linear(self.n_layers, d)
+            self.layer_occ = nn.Linear(self.n_layers * (1 + RINGS * rings), d)
             self.layer_out = nn.Linear(d, self.n_layers + 1)
             self.x_occ = nn.Linear(self.nx, d)
             self.y_occ = nn.Linear(self.ny, d)
@@ -215,7 +229,19 @@ class FactorisedVoxelHead(nn.Module):
         rows = in_layer.to(dtype) @ F.one_hot(h_x, self.nx).to(dtype)
         in_row = in_layer & (h_x[:, None, :] == x[:, :, None])
         column = in_row.to(dtype) @ F.one_hot(h_y, self.ny).to(dtype)
-        return Occupancy(torch.log1p(layers), torch.log1p(rows), column.clamp(max=1))
+        per_layer = torch.log1p(layers)
+        if self.rings:  # hits per (layer, ring) so far, as a fraction of the ring's cells
+            member = self.ring_member[h_x * self.ny + h_y].to(dtype) * regular[..., None]
+            hits = F.one_hot(h_layer, self.n_layers).to(dtype)[..., None] * member[:, :, None]
+            per_layer = self._with_rings(per_layer, hits.cumsum(1))
+        return Occupancy(per_layer, torch.log1p(rows), column.clamp(max=1))
+
+    def _with_rings(self, per_layer: torch.Tensor, ring_hits: torch.Tensor) -> torch.Tensor:
+        """The layer head's occupancy: log(1 + hits) per layer and, per layer, the fraction of
+        each inner ring's cells taken (..., L, RINGS): whether a layer's core is full, which its
+        hit count cannot say."""
+        full = ring_hits / self.ring_member.sum(0).to(ring_hits.dtype)
+        return torch.cat([per_layer, full.flatten(-2)], dim=-1)
 
     def _used_occupancy(self, used: torch.Tensor) -> tuple[Occupancy, torch.Tensor]:
         """Occupancy of every layer, row and column from a (..., voxels) mask: ``layers``
@@ -224,7 +250,11 @@ class FactorisedVoxelHead(nn.Module):
         and layers with them)."""
         grid = used.to(self.x_occ.weight.dtype).unflatten(-1, (self.n_layers, self.nx, self.ny))
         per_row = grid.sum(-1)
-        return Occupancy(torch.log1p(per_row.sum(-1)), torch.log1p(per_row), grid), per_row
+        per_layer = torch.log1p(per_row.sum(-1))
+        if self.rings:
+            ring_hits = grid.flatten(-2) @ self.ring_member.to(grid.dtype)  # (..., L, RINGS)
+            per_layer = self._with_rings(per_layer, ring_hits)
+        return Occupancy(per_layer, torch.log1p(per_row), grid), per_row
 
     def _split(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(layer, x, y) of spatial ids; special ids give (0, 0, 0)."""
@@ -364,9 +394,10 @@ def voxel_head(
     detector: DetectorConfig,
     layer_of_token: torch.Tensor,
     occupancy: bool = False,
+    rings: bool = False,
 ) -> VoxelHead:
     if kind == "flat":
         return FlatVoxelHead(d_model, tokenizer, layer_of_token)
     if kind == "layered":
         return LayeredVoxelHead(d_model, tokenizer, detector)
-    return FactorisedVoxelHead(d_model, tokenizer, detector, occupancy)
+    return FactorisedVoxelHead(d_model, tokenizer, detector, occupancy, rings)
