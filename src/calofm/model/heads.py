@@ -120,7 +120,8 @@ RINGS = 3
 class Occupancy(NamedTuple):
     """What each sub-head sees of the voxels a shower already has (``voxel_occupancy``).
 
-    ``layers`` (..., L): log(1 + hits) per layer; ``rows`` (..., X): log(1 + hits) per x row of
+    ``layers`` (..., L): log(1 + hits) per layer (with ``ring_occupancy``, followed by each
+    layer's fraction of taken cells in the inner rings, (..., L * (1 + RINGS))); ``rows`` (..., X): log(1 + hits) per x row of
     the chosen layer; ``column`` (..., Y): 1 where the chosen (layer, x) row's y is taken. From a
     used-voxel mask, ``rows`` and ``column`` hold every layer's and row's (indexed by the choice).
     """
@@ -224,15 +225,16 @@ class FactorisedVoxelHead(nn.Module):
         regular = history < self.n_voxels
         causal = causal_history(history.shape[1], history.device)[None] & regular[:, None, :]
         dtype = self.x_occ.weight.dtype
-        layers = (F.one_hot(h_layer, self.n_layers).to(dtype) * regular[..., None]).cumsum(1)
+        in_layers = F.one_hot(h_layer, self.n_layers).to(dtype) * regular[..., None]  # (B, T, L)
+        layers = in_layers.cumsum(1)
         in_layer = causal & (h_layer[:, None, :] == layer[:, :, None])
         rows = in_layer.to(dtype) @ F.one_hot(h_x, self.nx).to(dtype)
         in_row = in_layer & (h_x[:, None, :] == x[:, :, None])
         column = in_row.to(dtype) @ F.one_hot(h_y, self.ny).to(dtype)
         per_layer = torch.log1p(layers)
         if self.rings:  # hits per (layer, ring) so far, as a fraction of the ring's cells
-            member = self.ring_member[h_x * self.ny + h_y].to(dtype) * regular[..., None]
-            hits = F.one_hot(h_layer, self.n_layers).to(dtype)[..., None] * member[:, :, None]
+            member = self.ring_member[h_x * self.ny + h_y].to(dtype)  # (B, T, RINGS)
+            hits = in_layers[..., None] * member[:, :, None]
             per_layer = self._with_rings(per_layer, hits.cumsum(1))
         return Occupancy(per_layer, torch.log1p(rows), column.clamp(max=1))
 
