@@ -67,6 +67,7 @@ ARMS = {
     "small+layered": {**DESIGN, "voxel_head": "layered", "voxel_occupancy": False},
     # the occupancy-aware layer head also sees how full each layer's inner rings are
     "small+rings": {**DESIGN, "ring_occupancy": True},
+    "small+rings+centre": {**DESIGN, "ring_occupancy": True, "centre_occupancy": True},
     # the layered head, and every position sees the mean energy per hit still to come
     "small+layered+perhit": {
         **DESIGN,

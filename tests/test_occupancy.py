@@ -14,9 +14,9 @@ from calofm.model.heads import FactorisedVoxelHead
 D = 16
 
 
-def occupancy_head(seed: int = 0, rings: bool = False) -> FactorisedVoxelHead:
+def occupancy_head(seed: int = 0, rings: bool = False, centre: bool = False) -> FactorisedVoxelHead:
     torch.manual_seed(seed)
-    head = FactorisedVoxelHead(D, SMALL_TOK, SMALL_DET, occupancy=True, rings=rings)
+    head = FactorisedVoxelHead(D, SMALL_TOK, SMALL_DET, occupancy=True, rings=rings, centre=centre)
     with torch.no_grad():  # make the occupancy weights large enough to matter
         for m in (head.layer_occ, head.x_occ, head.y_occ):
             m.weight.normal_(std=2.0)
@@ -46,11 +46,11 @@ def test_occupancy_needs_the_factorised_head_and_voxels_used_once():
         occupancy_head().scores(torch.randn(1, 3, D))
 
 
-@pytest.mark.parametrize("rings", [False, True])
-def test_training_log_likelihood_is_the_distribution_scored_from_the_used_voxels(rings):
+@pytest.mark.parametrize("rings,centre", [(False, False), (True, False), (True, True)])
+def test_training_log_likelihood_is_the_distribution_scored_from_the_used_voxels(rings, centre):
     """log_prob's occupancy (one-hot sums over the history) is the one ``scores`` reads from the
     used-voxel mask, and the y already taken in the target's row are renormalised away."""
-    hd = occupancy_head(rings=rings)
+    hd = occupancy_head(rings=rings, centre=centre)
     tok, ny = SMALL_TOK, SMALL_DET.ny
     s, _ = shower_tokens(2, 9, seed=4)
     history, target = s[:, :-1], s[:, 1:]
@@ -80,10 +80,11 @@ def test_the_distribution_moves_with_the_voxels_the_shower_has():
     assert (a[0, : SMALL_TOK.n_voxels][free] - b[0, : SMALL_TOK.n_voxels][free]).abs().max() > 1e-3
 
 
-def test_greedy_sampling_follows_the_scored_distribution_for_any_used_voxels():
+@pytest.mark.parametrize("centre", [False, True])
+def test_greedy_sampling_follows_the_scored_distribution_for_any_used_voxels(centre):
     """Layer, then x, then y by argmax of the conditionals that ``scores`` multiplies, full layers
     and rows and taken voxels left out: sampling reads the occupancy the way training does."""
-    hd = occupancy_head(seed=1)
+    hd = occupancy_head(seed=1, rings=centre, centre=centre)
     b, tok, det = 16, SMALL_TOK, SMALL_DET
     used = torch.rand(b, tok.n_voxels, generator=torch.Generator().manual_seed(0)) < 0.3
     h = torch.randn(b, D)
@@ -135,3 +136,21 @@ def test_ring_occupancy_tells_a_full_core_from_the_same_hit_count_elsewhere():
             occ.append(hd._used_occupancy(used)[0].layers)
         assert (occ[0] != occ[1]).any().item() is differs
     assert hd._used_occupancy(used)[0].layers.shape[-1] == SMALL_DET.n_layers * 4
+
+
+def test_centre_occupancy_tells_a_taken_core_cell_from_the_same_row_count_elsewhere():
+    """A row with its core cell taken and a row with a cell taken at its edge have the same hit
+    count; only with centre occupancy does the x head see which one can still take a core hit."""
+    with pytest.raises(CalofmError, match="centre_occupancy"):
+        ModelConfig(voxel_head="factorised", exclude_used_voxels=True, centre_occupancy=True)
+    nx, ny = SMALL_DET.nx, SMALL_DET.ny
+    row = nx // 2
+    for centre, differs in ((False, False), (True, True)):
+        hd = occupancy_head(centre=centre)
+        occ = []
+        for y in (ny // 2, 0):
+            used = torch.zeros(1, SMALL_TOK.n_voxels, dtype=torch.bool)
+            used[0, row * ny + y] = True
+            occ.append(hd._used_occupancy(used)[0].rows)
+        assert (occ[0] != occ[1]).any().item() is differs
+    assert hd._used_occupancy(used)[0].rows.shape[-1] == nx * 5

@@ -51,6 +51,7 @@ def conditions(model: CaloFM, incident: Conditions | torch.Tensor) -> Conditions
         totals_model,
         lambda: totals_model(energy_left_per_hit=True),
         lambda: totals_model(ring_occupancy=True),
+        lambda: totals_model(ring_occupancy=True, centre_occupancy=True),
         lambda: tiny_model(paper_design=True),
     ],
 )

@@ -56,6 +56,10 @@ class ModelConfig(FromDict):
     # axis are: a layer whose core is taken sends its next hot hit to the first ring, where Geant4
     # puts it in another layer's core (needs voxel_occupancy). No gain at 300 steps; untried at 60.
     ring_occupancy: bool = False
+    # The x head also sees which central columns of each row of the chosen layer are taken: a row
+    # whose core cell is taken sends its hit to the next column, the first ring, where Geant4
+    # puts the hottest hits of a 90 GeV W shower almost never (needs voxel_occupancy).
+    centre_occupancy: bool = False
 
     def __post_init__(self) -> None:
         if self.d_model <= 0 or self.n_heads <= 0 or self.n_blocks <= 0 or self.ffn_mult <= 0:
@@ -87,6 +91,10 @@ class ModelConfig(FromDict):
         if self.ring_occupancy and not self.voxel_occupancy:
             raise CalofmError(
                 "model: ring_occupancy needs voxel_occupancy=true (or set ring_occupancy=false)"
+            )
+        if self.centre_occupancy and not self.voxel_occupancy:
+            raise CalofmError(
+                "model: centre_occupancy needs voxel_occupancy=true (or set centre_occupancy=false)"
             )
         if self.energy_left_per_hit and not (self.totals and self.shower_state):
             raise CalofmError(

@@ -115,14 +115,18 @@ class FlatVoxelHead(RoutedLinear):
 # Inner rings around the beam axis whose occupancy per layer the layer head sees (ring_occupancy):
 # the 2 x 2 core, the 8 cells around it, the next ring.
 RINGS = 3
+# Central columns whose taken cells per x row the x head sees (centre_occupancy): the core's two
+# and one on each side.
+CENTRE = 4
 
 
 class Occupancy(NamedTuple):
     """What each sub-head sees of the voxels a shower already has (``voxel_occupancy``).
 
     ``layers`` (..., L): log(1 + hits) per layer (with ``ring_occupancy``, followed by each
-    layer's fraction of taken cells in the inner rings, (..., L * (1 + RINGS))); ``rows`` (..., X): log(1 + hits) per x row of
-    the chosen layer; ``column`` (..., Y): 1 where the chosen (layer, x) row's y is taken. From a
+    layer's fraction of taken cells in the inner rings, (..., L * (1 + RINGS))); ``rows`` (..., X):
+    log(1 + hits) per x row of the chosen layer (with ``centre_occupancy``, followed by the taken
+    flags of each row's central columns, (..., X * (1 + CENTRE))); ``column`` (..., Y): 1 where the chosen (layer, x) row's y is taken. From a
     used-voxel mask, ``rows`` and ``column`` hold every layer's and row's (indexed by the choice).
     """
 
@@ -149,6 +153,7 @@ class FactorisedVoxelHead(nn.Module):
         detector: DetectorConfig,
         occupancy: bool = False,
         rings: bool = False,
+        centre: bool = False,
     ):
         super().__init__()
         d = d_model
@@ -176,11 +181,19 @@ class FactorisedVoxelHead(nn.Module):
             r = torch.hypot(x - (self.nx - 1) / 2, y - (self.ny - 1) / 2).floor().long()
             member = F.one_hot(r.flatten().clamp(max=RINGS), RINGS + 1)[:, :RINGS].float()
             self.register_buffer("ring_member", member, persistent=False)  # (cells, RINGS)
+        self.centre = centre
+        if centre:  # the central columns, the first of them at centre_start
+            if not occupancy or self.ny < CENTRE:
+                raise CalofmError(
+                    f"voxel head: centre occupancy needs the occupancy-aware head and at least "
+                    f"{CENTRE} columns"
+                )
+            self.centre_start = (self.ny - CENTRE) // 2
         if occupancy:
             self.layer_in = nn.Linear(d, d)
             self.layer_occ = nn.Linear(self.n_layers * (1 + RINGS * rings), d)
             self.layer_out = nn.Linear(d, self.n_layers + 1)
-            self.x_occ = nn.Linear(self.nx, d)
+            self.x_occ = nn.Linear(self.nx * (1 + CENTRE * centre), d)
             self.y_occ = nn.Linear(self.ny, d)
 
     # the three conditionals -------------------------------------------------------------------
@@ -228,7 +241,14 @@ class FactorisedVoxelHead(nn.Module):
         in_layers = F.one_hot(h_layer, self.n_layers).to(dtype) * regular[..., None]  # (B, T, L)
         layers = in_layers.cumsum(1)
         in_layer = causal & (h_layer[:, None, :] == layer[:, :, None])
-        rows = in_layer.to(dtype) @ F.one_hot(h_x, self.nx).to(dtype)
+        in_rows = F.one_hot(h_x, self.nx).to(dtype)
+        rows = torch.log1p(in_layer.to(dtype) @ in_rows)
+        if self.centre:  # taken central columns per row of the chosen layer so far
+            col = h_y - self.centre_start
+            central = F.one_hot(col.clamp(0, CENTRE - 1), CENTRE).to(dtype)
+            central = central * ((col >= 0) & (col < CENTRE))[..., None]
+            cells = (in_rows[..., None] * central[..., None, :]).flatten(-2)  # (B, T, X * CENTRE)
+            rows = torch.cat([rows, in_layer.to(dtype) @ cells], dim=-1)
         in_row = in_layer & (h_x[:, None, :] == x[:, :, None])
         column = in_row.to(dtype) @ F.one_hot(h_y, self.ny).to(dtype)
         per_layer = torch.log1p(layers)
@@ -236,7 +256,7 @@ class FactorisedVoxelHead(nn.Module):
             member = self.ring_member[h_x * self.ny + h_y].to(dtype)  # (B, T, RINGS)
             hits = in_layers[..., None] * member[:, :, None]
             per_layer = self._with_rings(per_layer, hits.cumsum(1))
-        return Occupancy(per_layer, torch.log1p(rows), column.clamp(max=1))
+        return Occupancy(per_layer, rows, column.clamp(max=1))
 
     def _with_rings(self, per_layer: torch.Tensor, ring_hits: torch.Tensor) -> torch.Tensor:
         """The layer head's occupancy: log(1 + hits) per layer and, per layer, the fraction of
@@ -256,7 +276,11 @@ class FactorisedVoxelHead(nn.Module):
         if self.rings:
             ring_hits = grid.flatten(-2) @ self.ring_member.to(grid.dtype)  # (..., L, RINGS)
             per_layer = self._with_rings(per_layer, ring_hits)
-        return Occupancy(per_layer, torch.log1p(per_row), grid), per_row
+        rows = torch.log1p(per_row)
+        if self.centre:
+            central = grid[..., self.centre_start : self.centre_start + CENTRE]
+            rows = torch.cat([rows, central.flatten(-2)], dim=-1)
+        return Occupancy(per_layer, rows, grid), per_row
 
     def _split(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(layer, x, y) of spatial ids; special ids give (0, 0, 0)."""
@@ -397,9 +421,10 @@ def voxel_head(
     layer_of_token: torch.Tensor,
     occupancy: bool = False,
     rings: bool = False,
+    centre: bool = False,
 ) -> VoxelHead:
     if kind == "flat":
         return FlatVoxelHead(d_model, tokenizer, layer_of_token)
     if kind == "layered":
         return LayeredVoxelHead(d_model, tokenizer, detector)
-    return FactorisedVoxelHead(d_model, tokenizer, detector, occupancy, rings)
+    return FactorisedVoxelHead(d_model, tokenizer, detector, occupancy, rings, centre)

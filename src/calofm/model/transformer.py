@@ -100,6 +100,7 @@ class CaloFM(StreamInputs, TokenScoring, nn.Module):
             self.geometry[:, 0].clone(),
             config.voxel_occupancy,
             config.ring_occupancy,
+            config.centre_occupancy,
         )
         self.energy_head = RoutedLinear(d, tokenizer.energy_vocab)
         self.apply(self._init_weights)
