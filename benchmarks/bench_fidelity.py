@@ -68,6 +68,7 @@ ARMS = {
     # the occupancy-aware layer head also sees how full each layer's inner rings are
     "small+rings": {**DESIGN, "ring_occupancy": True},
     "small+rings+centre": {**DESIGN, "ring_occupancy": True, "centre_occupancy": True},
+    "small+relative": {**DESIGN, "relative_energy": True},
     # the layered head, and every position sees the mean energy per hit still to come
     "small+layered+perhit": {
         **DESIGN,

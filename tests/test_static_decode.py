@@ -27,10 +27,10 @@ from calofm.tokens import TokenizerConfig
 CUDA = torch.cuda.is_available()
 
 
-def totals_model(**options: bool) -> CaloFM:
+def totals_model(scheme: str = "linear", **options: bool) -> CaloFM:
     torch.manual_seed(0)
     det = DetectorConfig()
-    tok = TokenizerConfig.for_detector(det, n_bins=64, max_hits=40)
+    tok = TokenizerConfig.for_detector(det, scheme=scheme, n_bins=64, max_hits=40)
     config = dataclasses.replace(preset("tiny"), totals=True, **options)
     return CaloFM(config, tok, det, ["G4_W:gamma", "G4_Pb:gamma"]).eval()
 
@@ -52,6 +52,7 @@ def conditions(model: CaloFM, incident: Conditions | torch.Tensor) -> Conditions
         lambda: totals_model(energy_left_per_hit=True),
         lambda: totals_model(ring_occupancy=True),
         lambda: totals_model(ring_occupancy=True, centre_occupancy=True),
+        lambda: totals_model("log", relative_energy=True),
         lambda: tiny_model(paper_design=True),
     ],
 )

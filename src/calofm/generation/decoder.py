@@ -203,6 +203,7 @@ class StaticDecoder:
             s.top_k,
             s.top_p,
             at_end,
+            model.energy_shift(self.cond),
         )
         if at_end is not None:
             sp = torch.where(at_end, tok.spatial_eos, sp)

@@ -147,6 +147,7 @@ def _decode_recomputing(
             sampling.top_k,
             sampling.top_p,
             at_end,
+            model.energy_shift(cond),
         )
         if at_end is not None:
             s = torch.where(at_end, tok.spatial_eos, s)

@@ -74,7 +74,7 @@ def bench_model(config_name: str, n_classes: int, n_bins: int | None) -> CaloFM:
         model = CaloFM(preset(config_name), tok, det, classes).eval()
     model.spatial_head.never_end()
     with torch.no_grad():
-        model.energy_head.bias[tok.energy_eos] = -1e9
+        model.energy_head.bias[model.energy_output(tok.energy_eos)] = -1e9
     return model
 
 
@@ -115,7 +115,13 @@ class StepRunner:
     def sample(self, h: torch.Tensor, prefix: int) -> None:
         """Both tokens from the last block's output ``h`` (B, 1, d), and the stop check."""
         s, e = self.model.next_tokens(
-            h[:, -1], self.routing, self.u, self.used, self.energy[:, prefix], 1.0
+            h[:, -1],
+            self.routing,
+            self.u,
+            self.used,
+            self.energy[:, prefix],
+            1.0,
+            shift=self.model.energy_shift(self.cond),
         )
         done = (s == self.model.tokenizer.spatial_eos) | (e == self.model.tokenizer.energy_eos)
         bool(done.all())

@@ -105,7 +105,7 @@ def random_model(preset_name: str, device: str) -> CaloFM:
         model = CaloFM(preset(preset_name), tok, det, [CLASS]).eval()
     model.spatial_head.never_end()
     with torch.no_grad():
-        model.energy_head.bias[tok.energy_eos] = -1e9
+        model.energy_head.bias[model.energy_output(tok.energy_eos)] = -1e9
     return model.to(device)
 
 

@@ -60,6 +60,9 @@ class ModelConfig(FromDict):
     # whose core cell is taken sends its hit to the next column, the first ring, where Geant4
     # puts the hottest hits of a 90 GeV W shower almost never (needs voxel_occupancy).
     centre_occupancy: bool = False
+    # The energy head and embedding count bins from the shower's drawn visible energy, so a cell's
+    # energy scales with it exactly (calofm.model.relative_energy; needs totals and log bins).
+    relative_energy: bool = False
 
     def __post_init__(self) -> None:
         if self.d_model <= 0 or self.n_heads <= 0 or self.n_blocks <= 0 or self.ffn_mult <= 0:
@@ -95,6 +98,10 @@ class ModelConfig(FromDict):
         if self.centre_occupancy and not self.voxel_occupancy:
             raise CalofmError(
                 "model: centre_occupancy needs voxel_occupancy=true (or set centre_occupancy=false)"
+            )
+        if self.relative_energy and not self.totals:
+            raise CalofmError(
+                "model: relative_energy needs totals=true (or set relative_energy=false)"
             )
         if self.energy_left_per_hit and not (self.totals and self.shower_state):
             raise CalofmError(

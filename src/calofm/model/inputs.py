@@ -17,6 +17,7 @@ from calofm.errors import CalofmError
 from calofm.model.conditions import LOG_HITS_SCALE, LOG_MEV_SCALE, Conditions
 from calofm.model.config import ModelConfig
 from calofm.model.experts import Routing
+from calofm.model.relative_energy import RelativeBins
 from calofm.tokens import TokenizerConfig
 
 
@@ -47,11 +48,13 @@ class StreamInputs:
     context: nn.Module | None
     deposited: torch.Tensor | None
     embed_adapters: nn.Module | None
+    relative: RelativeBins | None
 
     def _token_embeddings(
-        self, spatial: torch.Tensor, energy: torch.Tensor
+        self, spatial: torch.Tensor, energy: torch.Tensor, shift: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The two streams' token embeddings, each voxel's with its layer's, x's and y's."""
+        """The two streams' token embeddings, each voxel's with its layer's, x's and y's; with
+        ``shift`` (relative energies) the energy tokens are counted from it."""
         g = self.geometry[spatial]
         xs = (
             self.spatial_embed(spatial)
@@ -59,6 +62,8 @@ class StreamInputs:
             + self.x_embed(g[..., 1])
             + self.y_embed(g[..., 2])
         )
+        if shift is not None:
+            energy = self.relative.tokens(energy, shift)
         return xs, self.energy_embed(energy)
 
     def _context(
@@ -120,7 +125,7 @@ class StreamInputs:
         start: int | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The embedded streams, the conditions token prepended on a sequence's first pass."""
-        xs, xe = self._token_embeddings(spatial, energy)
+        xs, xe = self._token_embeddings(spatial, energy, self.energy_shift(cond))
         context = self._context(cond, energy, start, xs.dtype)
         if context is not None:
             xs, xe = xs + context, xe + context
@@ -169,7 +174,7 @@ class StreamInputs:
         """``_embed`` for one input per row (B, 1, d) at hidden positions ``pos`` (B,): the
         conditions token where ``pos`` is 0, else the tokens ``spatial``, ``energy`` (B,)."""
         s, e = spatial[:, None], energy[:, None]
-        xs, xe = self._token_embeddings(s, e)
+        xs, xe = self._token_embeddings(s, e, self.energy_shift(cond))
         context = self._step_context(cond, energy, pos, xs.dtype)
         if context is not None:
             xs, xe = xs + context, xe + context

@@ -10,8 +10,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from calofm.errors import CalofmError
+from calofm.model.conditions import Conditions
 from calofm.model.config import ModelConfig
 from calofm.model.experts import RoutedLinear, Routing
+from calofm.model.relative_energy import RelativeBins
 from calofm.model.sampling import sample
 from calofm.tokens import TokenizerConfig
 
@@ -26,16 +29,37 @@ class TokenScoring:
     energy_head: RoutedLinear
     energy_ids: torch.Tensor
     bin_mev: torch.Tensor
+    relative: RelativeBins | None
+
+    def energy_shift(self, cond: Conditions) -> torch.Tensor | None:
+        """(B,) the bins of the rows' visible energies with ``relative_energy``, else None."""
+        if self.relative is None:
+            return None
+        if not cond.has_totals:
+            raise CalofmError("model: relative energies need the shower totals in the conditions")
+        return self.relative.shift(cond.visible)
+
+    def energy_output(self, token: int) -> int:
+        """The energy head's output index of the special energy ``token`` (SOS, EOS, PAD)."""
+        return token if self.relative is None else token + self.tokenizer.n_bins
 
     def _energy_logits(
-        self, h: torch.Tensor, routing: Routing, previous: torch.Tensor | None
+        self,
+        h: torch.Tensor,
+        routing: Routing,
+        previous: torch.Tensor | None,
+        shift: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Energy logits after the final norm; with ``falling_energy`` no bin above ``previous``,
         with ``single_stop`` never end-of-sequence.
 
-        ``previous`` holds the energy tokens the positions were fed (SOS, PAD: no constraint).
+        ``previous`` holds the energy tokens the positions were fed (SOS, PAD: no constraint);
+        ``shift`` (B,) the rows' ``energy_shift`` (relative energies: the head's bins are counted
+        from it, the logits returned are over absolute bins).
         """
         logits = self.energy_head(h, routing)
+        if shift is not None:
+            logits = self.relative.logits(logits, shift)
         ids = self.energy_ids
         if self.config.single_stop:  # the energy of a shower that goes on: EOS is not among them
             logits = logits.masked_fill(ids == self.tokenizer.energy_eos, float("-inf"))
@@ -59,6 +83,7 @@ class TokenScoring:
         routing: Routing,
         previous_energy: torch.Tensor | None = None,
         used: torch.Tensor | None = None,
+        shift: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Spatial logits (B, t, Vs) (log-probabilities for a factorised head) and energy logits
         (B, t, Ve) from block outputs ``h``; ``previous_energy`` (B, t) the fed energy tokens;
@@ -68,7 +93,7 @@ class TokenScoring:
             spatial = self.spatial_head.scores(h, routing=routing)
         else:
             spatial = self.spatial_head.scores(h, routing=routing, used=used)
-        return spatial, self._energy_logits(h, routing, previous_energy)
+        return spatial, self._energy_logits(h, routing, previous_energy, shift)
 
     def used_voxels(self, spatial: torch.Tensor) -> torch.Tensor:
         """(B, t, voxels) bool: the voxels among tokens 0..j of ``spatial`` (B, t), per j."""
@@ -82,6 +107,7 @@ class TokenScoring:
         spatial_full: torch.Tensor,
         energy_full: torch.Tensor,
         routing: Routing,
+        shift: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(spatial NLL, energy NLL) in nats per token of full (B, T+1) sequences, from the last
         block's outputs ``h`` (B, T, d) at their first T tokens.
@@ -101,7 +127,7 @@ class TokenScoring:
         log_p = self.spatial_head.log_prob(h, targets_s, history, routing=routing)
         real = targets_s != tok.spatial_pad
         nll_s = -torch.where(real, log_p, torch.zeros_like(log_p)).sum() / real.sum().clamp(min=1)
-        le = self._energy_logits(h, routing, inputs_e)
+        le = self._energy_logits(h, routing, inputs_e, shift)
         n_targets = (targets_e != tok.energy_pad).sum().clamp(min=1)
         if self.config.single_stop:  # the end is the voxel head's to predict
             targets_e = targets_e.masked_fill(targets_e == tok.energy_eos, tok.energy_pad)
@@ -128,6 +154,7 @@ class TokenScoring:
         top_k: int | None = None,
         top_p: float | None = None,
         can_end: torch.Tensor | None = None,
+        shift: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Draw the next (voxel, energy bin) per row from the last block's output ``h`` (B, d).
 
@@ -148,7 +175,7 @@ class TokenScoring:
             routing=routing,
             can_end=can_end,
         )
-        le = self._energy_logits(h, routing, previous_energy).float()
+        le = self._energy_logits(h, routing, previous_energy, shift).float()
         le[:, tok.energy_sos] = le[:, tok.energy_pad] = float("-inf")  # no index tensors
         e = sample(le, None if u is None else u[:, 3], temperature, top_k, top_p)
         return s, e

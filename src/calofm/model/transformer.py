@@ -31,6 +31,7 @@ from calofm.model.experts import RoutedLinear, Routing
 from calofm.model.heads import voxel_head
 from calofm.model.inputs import StreamInputs, geometry_table
 from calofm.model.kv_cache import KVCache
+from calofm.model.relative_energy import RelativeBins
 from calofm.model.scoring import TokenScoring
 from calofm.model.totals import ShowerTotals
 from calofm.tokens import Tokenizer, TokenizerConfig
@@ -58,7 +59,9 @@ class CaloFM(StreamInputs, TokenScoring, nn.Module):
         d = config.d_model
 
         self.spatial_embed = nn.Embedding(tokenizer.spatial_vocab, d)
-        self.energy_embed = nn.Embedding(tokenizer.energy_vocab, d)
+        self.relative = RelativeBins(tokenizer) if config.relative_energy else None
+        energy_vocab = tokenizer.energy_vocab if self.relative is None else self.relative.vocab
+        self.energy_embed = nn.Embedding(energy_vocab, d)
         self.incident_embed = nn.Linear(1, d)
         self.layer_embed = nn.Embedding(detector.n_layers + 1, d)
         self.x_embed = nn.Embedding(detector.nx + 1, d)
@@ -102,7 +105,7 @@ class CaloFM(StreamInputs, TokenScoring, nn.Module):
             config.ring_occupancy,
             config.centre_occupancy,
         )
-        self.energy_head = RoutedLinear(d, tokenizer.energy_vocab)
+        self.energy_head = RoutedLinear(d, energy_vocab)
         self.apply(self._init_weights)
         # Initialised after the others: the totals networks keep PyTorch's default initialisation.
         self.totals = ShowerTotals(len(classes), Conditions.N_FEATURES) if config.totals else None
@@ -222,9 +225,10 @@ class CaloFM(StreamInputs, TokenScoring, nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits (B, T, Vs), (B, T, Ve); position j predicts token j+1 of each stream."""
         routing = self.routing(class_id)
+        cond = Conditions.of(cond)
         h = self.hidden_states(spatial, energy, cond, routing)[-1]
         used = self.used_voxels(spatial) if self.config.head_reads_used else None
-        return self.logits(h, routing, energy, used)
+        return self.logits(h, routing, energy, used, self.energy_shift(cond))
 
     def loss(
         self,
@@ -244,7 +248,7 @@ class CaloFM(StreamInputs, TokenScoring, nn.Module):
         if self.totals is not None:  # conditioned on the totals the shower's tokens have
             cond = cond.with_totals(*self.totals_of(spatial_full[:, 1:], energy_full[:, 1:]))
         h = self.hidden_states(spatial_full[:, :-1], energy_full[:, :-1], cond, routing)[-1]
-        nll_s, nll_e = self._nll(h, spatial_full, energy_full, routing)
+        nll_s, nll_e = self._nll(h, spatial_full, energy_full, routing, self.energy_shift(cond))
         return nll_s + nll_e, nll_s, nll_e
 
     # ---- KV-cache decoding ---------------------------------------------------------------------
