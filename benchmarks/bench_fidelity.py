@@ -69,6 +69,12 @@ ARMS = {
     "small+rings": {**DESIGN, "ring_occupancy": True},
     "small+rings+centre": {**DESIGN, "ring_occupancy": True, "centre_occupancy": True},
     "small+relative": {**DESIGN, "relative_energy": True},
+    "small+rings+centre+relative": {
+        **DESIGN,
+        "ring_occupancy": True,
+        "centre_occupancy": True,
+        "relative_energy": True,
+    },
     # the layered head, and every position sees the mean energy per hit still to come
     "small+layered+perhit": {
         **DESIGN,
