@@ -8,16 +8,15 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import make_toy_showers
 from test_adapters import (
     BASE,
-    DET,
     PB_ELECTRON,
     PB_GAMMA,
     W_ELECTRON,
     assert_equal,
     base_model,
     logits,
+    toy_file,
     trained,
 )
 
@@ -31,7 +30,6 @@ from calofm.adapters import (
 )
 from calofm.adapters.files import TENSORS_FILE
 from calofm.adapters.stage import run_stage
-from calofm.data.formats import write_showers
 from calofm.errors import CalofmError
 from calofm.generation.engine import generate
 from calofm.model import model_hash, save_model
@@ -112,13 +110,6 @@ def test_a_tampered_adapter_file_is_refused_and_leaves_the_model_as_it_was(tmp_p
 
 
 # ---- a stage, and generation -------------------------------------------------------------------
-
-
-def toy_file(tmp_path, material: str, particle: str, n: int = 24, seed: int = 5):
-    showers = make_toy_showers(
-        n, seed=seed, detector=DET.with_material(material), particle=particle, energy_range=(1, 5)
-    )
-    return str(write_showers(showers, tmp_path / f"{material}_{particle}.h5"))
 
 
 def showers_of(model, classes, seed=7):

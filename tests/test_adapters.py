@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import make_toy_showers
 from test_kv_cache import assert_steps_match
 from test_model import largest_change
 
@@ -17,6 +18,7 @@ from calofm.adapters import (
     AdapterConfig,
 )
 from calofm.adapters.lora import LoRALinear
+from calofm.data.formats import write_showers
 from calofm.detector import DetectorConfig
 from calofm.errors import CalofmError
 from calofm.model import CaloFM, model_hash, preset
@@ -296,3 +298,10 @@ def test_config_validation():
     with pytest.raises(CalofmError, match="unknown particle"):
         AdapterConfig(particle="electron")
     assert AdapterConfig.from_dict(W_ELECTRON.to_dict()) == W_ELECTRON
+
+
+def toy_file(tmp_path, material: str, particle: str, n: int = 24, seed: int = 5):
+    showers = make_toy_showers(
+        n, seed=seed, detector=DET.with_material(material), particle=particle, energy_range=(1, 5)
+    )
+    return str(write_showers(showers, tmp_path / f"{material}_{particle}.h5"))
