@@ -50,7 +50,10 @@ OPTIONS = {
     "+unique": {"exclude_used_voxels": True},
     "+falling": {"falling_energy": True},
 }
-TODAY = {name: getattr(ModelConfig(), name) for name in DESIGN}  # the paper's design
+# The paper's design: every option the small preset sets, at its default.
+TODAY = {name: getattr(ModelConfig(), name) for name in [*DESIGN, "relative_energy"]}
+# The previous shipped base's design, which the arms below change one lever at a time.
+OCCUPANCY = {**DESIGN, "ring_occupancy": False, "centre_occupancy": False}
 # Each option alone on the paper's design, each on top of the factorised head (which alone makes
 # a CPU budget buy ~10x more steps, so the others are measured where they can act), and all.
 ARMS = {
@@ -58,26 +61,23 @@ ARMS = {
     **OPTIONS,
     **{f"+head{k}": {**OPTIONS["+head"], **v} for k, v in OPTIONS.items() if k != "+head"},
     "all": {k: v for o in OPTIONS.values() for k, v in o.items()},
-    "small": dict(DESIGN),  # the small preset's choice (every JSON entry records its model_config)
-    # the previous base's design: totals, the factorised head without occupancy
-    "small+totals": {**DESIGN, "totals": True, "voxel_occupancy": False},
+    "small": {**DESIGN, "relative_energy": True},  # the small preset (and the shipped base)
+    # the base before occupancy: totals, the factorised head without occupancy
+    "small+totals": {**OCCUPANCY, "voxel_occupancy": False},
     # the factorised head's sub-heads see the shower's hits per layer, row and column
-    "small+occupancy": {**DESIGN, "totals": True, "voxel_occupancy": True},
+    "small+occupancy": OCCUPANCY,
     # layer, then (x, y) among the layer's cells: used cells leave their layer's distribution
-    "small+layered": {**DESIGN, "voxel_head": "layered", "voxel_occupancy": False},
+    "small+layered": {**OCCUPANCY, "voxel_head": "layered", "voxel_occupancy": False},
     # the occupancy-aware layer head also sees how full each layer's inner rings are
-    "small+rings": {**DESIGN, "ring_occupancy": True},
-    "small+rings+centre": {**DESIGN, "ring_occupancy": True, "centre_occupancy": True},
-    "small+relative": {**DESIGN, "relative_energy": True},
-    "small+rings+centre+relative": {
-        **DESIGN,
-        "ring_occupancy": True,
-        "centre_occupancy": True,
-        "relative_energy": True,
-    },
+    "small+rings": {**OCCUPANCY, "ring_occupancy": True},
+    # ... and the x head which central columns of each row are taken
+    "small+rings+centre": {**OCCUPANCY, "ring_occupancy": True, "centre_occupancy": True},
+    # energy bins counted from the drawn visible energy
+    "small+relative": {**OCCUPANCY, "relative_energy": True},
+    "small+rings+centre+relative": {**DESIGN, "relative_energy": True},
     # the layered head, and every position sees the mean energy per hit still to come
     "small+layered+perhit": {
-        **DESIGN,
+        **OCCUPANCY,
         "voxel_head": "layered",
         "voxel_occupancy": False,
         "energy_left_per_hit": True,

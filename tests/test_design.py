@@ -261,7 +261,14 @@ def test_loss_of_the_new_design_trains_and_its_gradients_are_finite():
 def test_model_options_are_set_by_name_with_their_types_and_refused_when_unknown():
     config = with_overrides(
         preset("small"),
-        ["voxel_head=flat", "voxel_occupancy=false", "falling_energy=false", "d_model=64"],
+        [
+            "voxel_head=flat",
+            "voxel_occupancy=false",
+            "ring_occupancy=false",
+            "centre_occupancy=false",
+            "falling_energy=false",
+            "d_model=64",
+        ],
     )
     assert config.voxel_head == "flat" and not config.falling_energy and config.d_model == 64
     for bad in ("voxel_head=round", "falling_energy=maybe", "colour=red", "d_model"):

@@ -10,6 +10,7 @@ from test_model import random_tokens, tiny_model, with_totals
 from calofm.errors import CalofmError
 from calofm.generation.engine import N_UNIFORMS, decode
 from calofm.generation.sampler import SamplingConfig
+from calofm.model.conditions import Conditions
 from calofm.model.kv_cache import KVCache
 
 ATOL = 1e-4
@@ -23,13 +24,15 @@ def used_at_end(model, s):
 def full_pass(model, s, e, inc, routing):
     """Hidden states of every block and both logits, for the last position of the prefix."""
     hidden = model.hidden_states(s, e, inc, routing)
-    ls, le = model.logits(hidden[-1][:, -1:], routing, used=used_at_end(model, s))
+    shift = model.energy_shift(Conditions.of(inc))
+    ls, le = model.logits(hidden[-1][:, -1:], routing, used=used_at_end(model, s), shift=shift)
     return [h[:, -1] for h in hidden], ls[:, -1], le[:, -1]
 
 
 def cached_step(model, s, e, start, routing, inc, used=None):
     hidden = model.hidden_states(s, e, inc if start == 0 else None, routing, start=start)
-    ls, le = model.logits(hidden[-1][:, -1:], routing, used=used)
+    shift = model.energy_shift(Conditions.of(inc))
+    ls, le = model.logits(hidden[-1][:, -1:], routing, used=used, shift=shift)
     return [h[:, -1] for h in hidden], ls[:, -1], le[:, -1]
 
 

@@ -20,7 +20,8 @@ CLASSES = ["G4_W:gamma", "G4_Pb:gamma", "G4_W:e-"]
 
 
 # The paper's design: a flat voxel head, the incident energy prepended only, no constraints.
-PAPER_DESIGN = {name: getattr(ModelConfig(), name) for name in DESIGN}
+# Every design option the small preset sets (DESIGN, and its relative energies) at the paper's value.
+PAPER_DESIGN = {name: getattr(ModelConfig(), name) for name in [*DESIGN, "relative_energy"]}
 
 
 def tiny_model(classes: list[str] = CLASSES, seed: int = 0, paper_design: bool = False) -> CaloFM:

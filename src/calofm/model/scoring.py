@@ -58,7 +58,9 @@ class TokenScoring:
         from it, the logits returned are over absolute bins).
         """
         logits = self.energy_head(h, routing)
-        if shift is not None:
+        if self.relative is not None:
+            if shift is None:
+                raise CalofmError("model: relative energies need each row's energy_shift")
             logits = self.relative.logits(logits, shift)
         ids = self.energy_ids
         if self.config.single_stop:  # the energy of a shower that goes on: EOS is not among them
