@@ -32,7 +32,7 @@ class Scale:
 
 
 # "default" is sized for under 10 minutes on 2 idle cores from CPU times measured there: Geant4
-# 0.40 s per 10-100 GeV Pb photon, generation 0.38 s per shower (small-w-ta, one thread), the
+# 0.42 s per 10-100 GeV Pb photon, generation 0.43 s per shower (small-w-ta, one thread), the
 # evaluation 13 s per class; so 600 Geant4 showers (2 min on 2 workers), 2 minutes of expert
 # training and 300 generated showers (1 min) take about 7 minutes, 9 minutes of CPU time.
 SCALES = {
