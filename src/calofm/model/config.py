@@ -91,14 +91,9 @@ class ModelConfig(FromDict):
             )
         if self.voxel_head == "layered" and not self.exclude_used_voxels:
             raise CalofmError("model: voxel_head=layered needs exclude_used_voxels=true")
-        if self.ring_occupancy and not self.voxel_occupancy:
-            raise CalofmError(
-                "model: ring_occupancy needs voxel_occupancy=true (or set ring_occupancy=false)"
-            )
-        if self.centre_occupancy and not self.voxel_occupancy:
-            raise CalofmError(
-                "model: centre_occupancy needs voxel_occupancy=true (or set centre_occupancy=false)"
-            )
+        for name in ("ring_occupancy", "centre_occupancy"):  # features of the occupancy head
+            if getattr(self, name) and not self.voxel_occupancy:
+                raise CalofmError(f"model: {name} needs voxel_occupancy=true (or set {name}=false)")
         if self.relative_energy and not self.totals:
             raise CalofmError(
                 "model: relative_energy needs totals=true (or set relative_energy=false)"

@@ -57,8 +57,9 @@ class Occupancy(NamedTuple):
     ``layers`` (..., L): log(1 + hits) per layer (with ``ring_occupancy``, followed by each
     layer's fraction of taken cells in the inner rings, (..., L * (1 + RINGS))); ``rows`` (..., X):
     log(1 + hits) per x row of the chosen layer (with ``centre_occupancy``, followed by the taken
-    flags of each row's central columns, (..., X * (1 + CENTRE))); ``column`` (..., Y): 1 where the chosen (layer, x) row's y is taken. From a
-    used-voxel mask, ``rows`` and ``column`` hold every layer's and row's (indexed by the choice).
+    flags of each row's central columns, (..., X * (1 + CENTRE))); ``column`` (..., Y): 1 where
+    the chosen (layer, x) row's y is taken. From a used-voxel mask, ``rows`` and ``column`` hold
+    every layer's and row's (indexed by the choice).
     """
 
     layers: torch.Tensor
@@ -173,15 +174,16 @@ class FactorisedVoxelHead(nn.Module):
         layers = in_layers.cumsum(1)
         in_layer = causal & (h_layer[:, None, :] == layer[:, :, None])
         in_rows = F.one_hot(h_x, self.nx).to(dtype)
-        rows = torch.log1p(in_layer.to(dtype) @ in_rows)
-        if self.centre:  # taken central columns per row of the chosen layer so far
-            col = h_y - self.centre_start
-            central = F.one_hot(col.clamp(0, CENTRE - 1), CENTRE).to(dtype)
-            central = central * ((col >= 0) & (col < CENTRE))[..., None]
+        in_columns = F.one_hot(h_y, self.ny).to(dtype)
+        if self.centre:  # each hit's row, then its (row, central column) cell, in one matmul
+            central = in_columns[..., self.centre_start : self.centre_start + CENTRE]
             cells = (in_rows[..., None] * central[..., None, :]).flatten(-2)  # (B, T, X * CENTRE)
-            rows = torch.cat([rows, in_layer.to(dtype) @ cells], dim=-1)
+            counts = in_layer.to(dtype) @ torch.cat([in_rows, cells], dim=-1)
+            rows = torch.cat([torch.log1p(counts[..., : self.nx]), counts[..., self.nx :]], -1)
+        else:
+            rows = torch.log1p(in_layer.to(dtype) @ in_rows)
         in_row = in_layer & (h_x[:, None, :] == x[:, :, None])
-        column = in_row.to(dtype) @ F.one_hot(h_y, self.ny).to(dtype)
+        column = in_row.to(dtype) @ in_columns
         per_layer = torch.log1p(layers)
         if self.rings:  # hits per (layer, ring) so far, as a fraction of the ring's cells
             member = self.ring_member[h_x * self.ny + h_y].to(dtype)  # (B, T, RINGS)
