@@ -75,6 +75,8 @@ ARMS = {
     # energy bins counted from the drawn visible energy
     "small+relative": {**OCCUPANCY, "relative_energy": True},
     "small+rings+centre+relative": {**DESIGN, "relative_energy": True},
+    # each layer's and row's own occupancy as a gated term of its logit
+    "small+own": {**DESIGN, "relative_energy": True, "own_occupancy": True},
     # the layered head, and every position sees the mean energy per hit still to come
     "small+layered+perhit": {
         **OCCUPANCY,

@@ -14,11 +14,14 @@ from calofm.model.heads import FactorisedVoxelHead
 D = 16
 
 
-def occupancy_head(seed: int = 0, rings: bool = False, centre: bool = False) -> FactorisedVoxelHead:
+def occupancy_head(
+    seed: int = 0, rings: bool = False, centre: bool = False, own: bool = False
+) -> FactorisedVoxelHead:
     torch.manual_seed(seed)
-    head = FactorisedVoxelHead(D, SMALL_TOK, SMALL_DET, occupancy=True, rings=rings, centre=centre)
+    head = FactorisedVoxelHead(D, SMALL_TOK, SMALL_DET, True, rings, centre, own)
+    gates = (head.layer_gate, head.x_gate) if own else ()
     with torch.no_grad():  # make the occupancy weights large enough to matter
-        for m in (head.layer_occ, head.x_occ, head.y_occ):
+        for m in (head.layer_occ, head.x_occ, head.y_occ, *gates):
             m.weight.normal_(std=2.0)
     return head
 
@@ -46,11 +49,22 @@ def test_occupancy_needs_the_factorised_head_and_voxels_used_once():
         occupancy_head().scores(torch.randn(1, 3, D))
 
 
-@pytest.mark.parametrize("rings,centre", [(False, False), (True, False), (True, True)])
-def test_training_log_likelihood_is_the_distribution_scored_from_the_used_voxels(rings, centre):
+@pytest.mark.parametrize(
+    "rings,centre,own",
+    [
+        (False, False, False),
+        (True, False, False),
+        (True, True, False),
+        (False, False, True),
+        (True, True, True),
+    ],
+)
+def test_training_log_likelihood_is_the_distribution_scored_from_the_used_voxels(
+    rings, centre, own
+):
     """log_prob's occupancy (one-hot sums over the history) is the one ``scores`` reads from the
     used-voxel mask, and the y already taken in the target's row are renormalised away."""
-    hd = occupancy_head(rings=rings, centre=centre)
+    hd = occupancy_head(rings=rings, centre=centre, own=own)
     tok, ny = SMALL_TOK, SMALL_DET.ny
     s, _ = shower_tokens(2, 9, seed=4)
     history, target = s[:, :-1], s[:, 1:]
@@ -80,11 +94,11 @@ def test_the_distribution_moves_with_the_voxels_the_shower_has():
     assert (a[0, : SMALL_TOK.n_voxels][free] - b[0, : SMALL_TOK.n_voxels][free]).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("centre", [False, True])
-def test_greedy_sampling_follows_the_scored_distribution_for_any_used_voxels(centre):
+@pytest.mark.parametrize("centre,own", [(False, False), (True, False), (True, True)])
+def test_greedy_sampling_follows_the_scored_distribution_for_any_used_voxels(centre, own):
     """Layer, then x, then y by argmax of the conditionals that ``scores`` multiplies, full layers
     and rows and taken voxels left out: sampling reads the occupancy the way training does."""
-    hd = occupancy_head(seed=1, rings=centre, centre=centre)
+    hd = occupancy_head(seed=1, rings=centre, centre=centre, own=own)
     b, tok, det = 16, SMALL_TOK, SMALL_DET
     used = torch.rand(b, tok.n_voxels, generator=torch.Generator().manual_seed(0)) < 0.3
     h = torch.randn(b, D)
@@ -104,10 +118,11 @@ def test_greedy_sampling_follows_the_scored_distribution_for_any_used_voxels(cen
         assert int(drawn[i]) == (layer * det.nx + x) * det.ny + y
 
 
-def test_a_model_with_occupancy_trains_and_decodes_with_its_cache():
+@pytest.mark.parametrize("own", [False, True])
+def test_a_model_with_occupancy_trains_and_decodes_with_its_cache(own):
     from test_kv_cache import assert_steps_match
 
-    model = small_model(voxel_occupancy=True)
+    model = small_model(voxel_occupancy=True, ring_occupancy=own, own_occupancy=own)
     s, e = shower_tokens(2, 10, seed=3)
     inc, cid = torch.tensor([0.2, -0.4]), torch.tensor([0, 1])
     loss = model.loss(s, e, inc, cid)[0]
@@ -154,3 +169,27 @@ def test_centre_occupancy_tells_a_taken_core_cell_from_the_same_row_count_elsewh
             occ.append(hd._used_occupancy(used)[0].rows)
         assert (occ[0] != occ[1]).any().item() is differs
     assert hd._used_occupancy(used)[0].rows.shape[-1] == nx * 5
+
+
+def test_own_occupancy_moves_only_the_logit_of_the_layer_whose_core_is_full():
+    """With the gate weighting the core's taken fraction by -5, filling one layer's 2 x 2 core
+    lowers that layer's logit by 5 more than the mixing layer does, and no other layer's."""
+    with pytest.raises(CalofmError, match="own_occupancy"):
+        ModelConfig(voxel_head="factorised", exclude_used_voxels=True, own_occupancy=True)
+    nx, ny, n_layers = SMALL_DET.nx, SMALL_DET.ny, SMALL_DET.n_layers
+    cx, cy, layer = nx // 2, ny // 2, 2
+    core = [(layer * nx + cx - 1 + i) * ny + cy - 1 + j for i in (0, 1) for j in (0, 1)]
+    used = torch.zeros(1, SMALL_TOK.n_voxels, dtype=torch.bool)
+    used[0, core] = True
+    hd = occupancy_head(rings=True, own=True)
+    with torch.no_grad():
+        hd.layer_gate.weight.zero_()
+        hd.layer_gate.bias.copy_(torch.tensor([0.0, -5.0, 0.0, 0.0]))
+    occ = hd._used_occupancy(used)[0].layers
+    h = torch.randn(1, D)
+    with_own = hd._layer_logits(h, None, occ)
+    hd.own = False
+    shift = with_own - hd._layer_logits(h, None, occ)
+    want = torch.zeros(1, n_layers + 1)
+    want[0, layer] = -5.0
+    torch.testing.assert_close(shift, want)

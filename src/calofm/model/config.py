@@ -63,6 +63,11 @@ class ModelConfig(FromDict):
     # The energy head and embedding count bins from the shower's drawn visible energy, so a cell's
     # energy scales with it exactly (calofm.model.relative_energy; needs totals and log bins).
     relative_energy: bool = False
+    # Each layer's logit (layer head) and each row's (x head) also gets a gated linear function of
+    # its own occupancy features, one weight vector shared by all layers (rows): "this layer's core
+    # is full" lowers that layer's logit directly instead of through the sub-head's mixing layer
+    # (needs voxel_occupancy).
+    own_occupancy: bool = False
 
     def __post_init__(self) -> None:
         if self.d_model <= 0 or self.n_heads <= 0 or self.n_blocks <= 0 or self.ffn_mult <= 0:
@@ -91,7 +96,11 @@ class ModelConfig(FromDict):
             )
         if self.voxel_head == "layered" and not self.exclude_used_voxels:
             raise CalofmError("model: voxel_head=layered needs exclude_used_voxels=true")
-        for name in ("ring_occupancy", "centre_occupancy"):  # features of the occupancy head
+        for name in (
+            "ring_occupancy",
+            "centre_occupancy",
+            "own_occupancy",
+        ):  # features of the occupancy head
             if getattr(self, name) and not self.voxel_occupancy:
                 raise CalofmError(f"model: {name} needs voxel_occupancy=true (or set {name}=false)")
         if self.relative_energy and not self.totals:

@@ -86,6 +86,7 @@ class FactorisedVoxelHead(nn.Module):
         occupancy: bool = False,
         rings: bool = False,
         centre: bool = False,
+        own: bool = False,
     ):
         super().__init__()
         d = d_model
@@ -127,6 +128,12 @@ class FactorisedVoxelHead(nn.Module):
             self.layer_out = nn.Linear(d, self.n_layers + 1)
             self.x_occ = nn.Linear(self.nx * (1 + CENTRE * centre), d)
             self.y_occ = nn.Linear(self.ny, d)
+        self.own = own
+        if own:  # the gates of each layer's and each row's own occupancy features
+            if not occupancy:
+                raise CalofmError("voxel head: own occupancy needs the occupancy-aware head")
+            self.layer_gate = nn.Linear(d, 1 + RINGS * rings)
+            self.x_gate = nn.Linear(d, 1 + CENTRE * centre)
 
     # the three conditionals -------------------------------------------------------------------
 
@@ -138,7 +145,11 @@ class FactorisedVoxelHead(nn.Module):
     ) -> torch.Tensor:
         y = self.layer(h)
         if occupancy is not None:
-            y = y + self.layer_out(F.gelu(self.layer_in(h) + self.layer_occ(occupancy)))
+            a = F.gelu(self.layer_in(h) + self.layer_occ(occupancy))
+            y = y + self.layer_out(a)
+            if self.own:
+                own = _own_term(occupancy, self.n_layers, self.layer_gate(a))
+                y = y + F.pad(own, (0, 1))  # end-of-sequence has no occupancy of its own
         return add_layer_bias(y, layer_bias)
 
     def _x_logits(
@@ -147,7 +158,13 @@ class FactorisedVoxelHead(nn.Module):
         a = self.x_in(h) + self.x_layer(layer)
         if occupancy is not None:
             a = a + self.x_occ(occupancy)
-        return self.x_out(F.gelu(a))
+        return self._x_out(F.gelu(a), occupancy)
+
+    def _x_out(self, a: torch.Tensor, occupancy: torch.Tensor | None) -> torch.Tensor:
+        y = self.x_out(a)
+        if self.own and occupancy is not None:
+            y = y + _own_term(occupancy, self.nx, self.x_gate(a))
+        return y
 
     def _y_logits(
         self,
@@ -278,7 +295,7 @@ class FactorisedVoxelHead(nn.Module):
         hx = self.x_in(h)[..., None, :] + self.x_layer.weight  # (..., L, d)
         if occ_rows is not None:
             hx = hx + self.x_occ(occ_rows)
-        lp_x = torch.log_softmax(self.x_out(F.gelu(hx)).float(), dim=-1)  # (..., L, X)
+        lp_x = torch.log_softmax(self._x_out(F.gelu(hx), occ_rows).float(), dim=-1)  # (..., L, X)
         hy = (
             self.y_in(h)[..., None, None, :]
             + self.y_layer.weight[:, None, :]
@@ -343,6 +360,14 @@ class FactorisedVoxelHead(nn.Module):
             self.layer.bias[self.n_layers] = -1e9
 
 
+def _own_term(occupancy: torch.Tensor, n: int, gate: torch.Tensor) -> torch.Tensor:
+    """Each of ``n`` options' own occupancy features (its count, then its per-option features,
+    laid out as ``occupancy`` (..., n * (1 + k)) is) weighted by ``gate`` (..., 1 + k): (..., n)."""
+    counts, rest = occupancy[..., :n], occupancy[..., n:]
+    own = torch.cat([counts[..., None], rest.unflatten(-1, (n, gate.shape[-1] - 1))], dim=-1)
+    return (own * gate[..., None, :]).sum(-1)
+
+
 VoxelHead = FlatVoxelHead | FactorisedVoxelHead | LayeredVoxelHead
 
 
@@ -355,9 +380,10 @@ def voxel_head(
     occupancy: bool = False,
     rings: bool = False,
     centre: bool = False,
+    own: bool = False,
 ) -> VoxelHead:
     if kind == "flat":
         return FlatVoxelHead(d_model, tokenizer, layer_of_token)
     if kind == "layered":
         return LayeredVoxelHead(d_model, tokenizer, detector)
-    return FactorisedVoxelHead(d_model, tokenizer, detector, occupancy, rings, centre)
+    return FactorisedVoxelHead(d_model, tokenizer, detector, occupancy, rings, centre, own)

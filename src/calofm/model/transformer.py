@@ -104,6 +104,7 @@ class CaloFM(StreamInputs, TokenScoring, nn.Module):
             config.voxel_occupancy,
             config.ring_occupancy,
             config.centre_occupancy,
+            config.own_occupancy,
         )
         self.energy_head = RoutedLinear(d, energy_vocab)
         self.apply(self._init_weights)
