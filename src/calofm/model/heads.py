@@ -114,6 +114,9 @@ class FactorisedVoxelHead(nn.Module):
             r = torch.hypot(x - (self.nx - 1) / 2, y - (self.ny - 1) / 2).floor().long()
             member = F.one_hot(r.flatten().clamp(max=RINGS), RINGS + 1)[:, :RINGS].float()
             self.register_buffer("ring_member", member, persistent=False)  # (cells, RINGS)
+            inner = member.sum(-1).nonzero()[:, 0]  # the few cells in a ring: sampling reads these
+            self.register_buffer("ring_cells", inner, persistent=False)
+            self.register_buffer("ring_cells_member", member[inner], persistent=False)
         self.centre = centre
         if centre:  # the central columns, the first of them at centre_start
             if not occupancy or self.ny < CENTRE:
@@ -175,7 +178,7 @@ class FactorisedVoxelHead(nn.Module):
     ) -> torch.Tensor:
         a = self.y_in(h) + self.y_layer(layer) + self.y_x(x)
         if occupancy is not None:
-            a = a + self.y_occ(occupancy)
+            a = a + self.y_occ(occupancy.to(self.y_occ.weight.dtype))
         return self.y_out(F.gelu(a))
 
     def _history_occupancy(
@@ -217,18 +220,21 @@ class FactorisedVoxelHead(nn.Module):
 
     def _used_occupancy(self, used: torch.Tensor) -> tuple[Occupancy, torch.Tensor]:
         """Occupancy of every layer, row and column from a (..., voxels) mask: ``layers``
-        (..., L), ``rows`` (..., L, X) and ``column`` (..., L, X, Y), indexed by the choice; and
-        the hits per row (..., L, X), from one pass over the mask (sampling masks full rows
-        and layers with them)."""
-        grid = used.to(self.x_occ.weight.dtype).unflatten(-1, (self.n_layers, self.nx, self.ny))
-        per_row = grid.sum(-1)
+        (..., L), ``rows`` (..., L, X) and ``column`` (..., L, X, Y) (the mask itself, boolean),
+        indexed by the choice; and the hits per row (..., L, X), which sampling masks full rows
+        and layers with. The mask is read, never copied whole: at every decode step a float copy
+        of it cost more than the three attention blocks of the small preset."""
+        dtype = self.x_occ.weight.dtype
+        grid = used.unflatten(-1, (self.n_layers, self.nx, self.ny))
+        per_row = grid.sum(-1, dtype=dtype)
         per_layer = torch.log1p(per_row.sum(-1))
         if self.rings:
-            ring_hits = grid.flatten(-2) @ self.ring_member.to(grid.dtype)  # (..., L, RINGS)
+            inner = grid.flatten(-2)[..., self.ring_cells].to(dtype)  # (..., L, ring cells)
+            ring_hits = inner @ self.ring_cells_member.to(dtype)  # (..., L, RINGS)
             per_layer = self._with_rings(per_layer, ring_hits)
         rows = torch.log1p(per_row)
         if self.centre:
-            central = grid[..., self.centre_start : self.centre_start + CENTRE]
+            central = grid[..., self.centre_start : self.centre_start + CENTRE].to(dtype)
             rows = torch.cat([rows, central.flatten(-2)], dim=-1)
         return Occupancy(per_layer, rows, grid), per_row
 
@@ -302,7 +308,7 @@ class FactorisedVoxelHead(nn.Module):
             + self.y_x.weight[None, :, :]
         )
         if occ_columns is not None:
-            hy = hy + self.y_occ(occ_columns)
+            hy = hy + self.y_occ(occ_columns.to(self.y_occ.weight.dtype))
         lp_y = torch.log_softmax(self.y_out(F.gelu(hy)).float(), dim=-1)  # (..., L, X, Y)
         voxels = lp_layer[..., : self.n_layers, None, None] + lp_x[..., None] + lp_y
         return with_special_tokens(voxels.flatten(-3), lp_layer, self.n_layers)
