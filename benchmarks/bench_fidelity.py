@@ -53,7 +53,7 @@ OPTIONS = {
 # The paper's design: every option the small preset sets, at its default.
 TODAY = {name: getattr(ModelConfig(), name) for name in [*DESIGN, "relative_energy"]}
 # The previous shipped base's design, which the arms below change one lever at a time.
-OCCUPANCY = {**DESIGN, "ring_occupancy": False, "centre_occupancy": False}
+OCCUPANCY = {**DESIGN, "ring_occupancy": False, "centre_occupancy": False, "own_occupancy": False}
 # Each option alone on the paper's design, each on top of the factorised head (which alone makes
 # a CPU budget buy ~10x more steps, so the others are measured where they can act), and all.
 ARMS = {
@@ -74,8 +74,8 @@ ARMS = {
     "small+rings+centre": {**OCCUPANCY, "ring_occupancy": True, "centre_occupancy": True},
     # energy bins counted from the drawn visible energy
     "small+relative": {**OCCUPANCY, "relative_energy": True},
-    "small+rings+centre+relative": {**DESIGN, "relative_energy": True},
-    # each layer's and row's own occupancy as a gated term of its logit
+    "small+rings+centre+relative": {**DESIGN, "relative_energy": True, "own_occupancy": False},
+    # ... and each layer's and row's own occupancy as a gated term of its logit (the small preset)
     "small+own": {**DESIGN, "relative_energy": True, "own_occupancy": True},
     # the layered head, and every position sees the mean energy per hit still to come
     "small+layered+perhit": {

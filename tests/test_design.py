@@ -266,6 +266,7 @@ def test_model_options_are_set_by_name_with_their_types_and_refused_when_unknown
             "voxel_occupancy=false",
             "ring_occupancy=false",
             "centre_occupancy=false",
+            "own_occupancy=false",
             "falling_energy=false",
             "d_model=64",
         ],

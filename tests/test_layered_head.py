@@ -109,7 +109,11 @@ def test_a_model_with_the_layered_head_trains_and_decodes_with_its_cache():
     from test_kv_cache import assert_steps_match
 
     model = small_model(
-        voxel_head="layered", voxel_occupancy=False, ring_occupancy=False, centre_occupancy=False
+        voxel_head="layered",
+        voxel_occupancy=False,
+        ring_occupancy=False,
+        centre_occupancy=False,
+        own_occupancy=False,
     )
     s, e = shower_tokens(2, 10, seed=3)
     inc, cid = torch.tensor([0.2, -0.4]), torch.tensor([0, 1])
