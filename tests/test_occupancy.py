@@ -193,3 +193,16 @@ def test_own_occupancy_moves_only_the_logit_of_the_layer_whose_core_is_full():
     want = torch.zeros(1, n_layers + 1)
     want[0, layer] = -5.0
     torch.testing.assert_close(shift, want)
+
+
+def test_turning_occupancy_off_names_every_option_that_needs_it_in_one_line():
+    import dataclasses
+
+    from calofm.model.config import preset
+
+    with pytest.raises(CalofmError) as info:
+        dataclasses.replace(preset("small"), voxel_occupancy=False)
+    message = str(info.value)
+    assert "\n" not in message
+    for name in ("ring_occupancy", "centre_occupancy", "own_occupancy"):
+        assert f"{name}=false" in message

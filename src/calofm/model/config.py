@@ -96,13 +96,13 @@ class ModelConfig(FromDict):
             )
         if self.voxel_head == "layered" and not self.exclude_used_voxels:
             raise CalofmError("model: voxel_head=layered needs exclude_used_voxels=true")
-        for name in (
-            "ring_occupancy",
-            "centre_occupancy",
-            "own_occupancy",
-        ):  # features of the occupancy head
-            if getattr(self, name) and not self.voxel_occupancy:
-                raise CalofmError(f"model: {name} needs voxel_occupancy=true (or set {name}=false)")
+        features = ("ring_occupancy", "centre_occupancy", "own_occupancy")  # of the occupancy head
+        needing = [name for name in features if getattr(self, name)]
+        if needing and not self.voxel_occupancy:
+            raise CalofmError(
+                f"model: {', '.join(needing)} need voxel_occupancy=true (or set "
+                f"{', '.join(f'{name}=false' for name in needing)})"
+            )
         if self.relative_energy and not self.totals:
             raise CalofmError(
                 "model: relative_energy needs totals=true (or set relative_energy=false)"
