@@ -77,6 +77,8 @@ ARMS = {
     "small+rings+centre+relative": {**DESIGN, "relative_energy": True, "own_occupancy": False},
     # ... and each layer's and row's own occupancy as a gated term of its logit (the small preset)
     "small+own": {**DESIGN, "relative_energy": True, "own_occupancy": True},
+    # ... and the layer head sees each layer's energy so far over the last hit's
+    "small+own+layer-energy": {**DESIGN, "relative_energy": True, "layer_energy": True},
     # the layered head, and every position sees the mean energy per hit still to come
     "small+layered+perhit": {
         **OCCUPANCY,

@@ -15,10 +15,14 @@ D = 16
 
 
 def occupancy_head(
-    seed: int = 0, rings: bool = False, centre: bool = False, own: bool = False
+    seed: int = 0,
+    rings: bool = False,
+    centre: bool = False,
+    own: bool = False,
+    layer_energy: bool = False,
 ) -> FactorisedVoxelHead:
     torch.manual_seed(seed)
-    head = FactorisedVoxelHead(D, SMALL_TOK, SMALL_DET, True, rings, centre, own)
+    head = FactorisedVoxelHead(D, SMALL_TOK, SMALL_DET, True, rings, centre, own, layer_energy)
     gates = (head.layer_gate, head.x_gate) if own else ()
     with torch.no_grad():  # make the occupancy weights large enough to matter
         for m in (head.layer_occ, head.x_occ, head.y_occ, *gates):
@@ -50,27 +54,31 @@ def test_occupancy_needs_the_factorised_head_and_voxels_used_once():
 
 
 @pytest.mark.parametrize(
-    "rings,centre,own",
+    "rings,centre,own,layer_energy",
     [
-        (False, False, False),
-        (True, False, False),
-        (True, True, False),
-        (False, False, True),
-        (True, True, True),
+        (False, False, False, False),
+        (True, False, False, False),
+        (True, True, False, False),
+        (False, False, True, False),
+        (True, True, True, False),
+        (True, True, True, True),
     ],
 )
 def test_training_log_likelihood_is_the_distribution_scored_from_the_used_voxels(
-    rings, centre, own
+    rings, centre, own, layer_energy
 ):
     """log_prob's occupancy (one-hot sums over the history) is the one ``scores`` reads from the
     used-voxel mask, and the y already taken in the target's row are renormalised away."""
-    hd = occupancy_head(rings=rings, centre=centre, own=own)
+    hd = occupancy_head(rings=rings, centre=centre, own=own, layer_energy=layer_energy)
     tok, ny = SMALL_TOK, SMALL_DET.ny
     s, _ = shower_tokens(2, 9, seed=4)
     history, target = s[:, :-1], s[:, 1:]
     h = torch.randn(2, history.shape[1], D)
-    got = hd.log_prob(h, target, history)
-    log_p = hd.scores(h, used=used_so_far(history))
+    extra = (
+        {"energy": torch.rand(2, history.shape[1], SMALL_DET.n_layers)} if layer_energy else {}
+    )
+    got = hd.log_prob(h, target, history, **extra)
+    log_p = hd.scores(h, used=used_so_far(history), **extra)
     for b in range(2):
         for j in range(history.shape[1]):
             t, used = int(target[b, j]), history[b, 1 : j + 1].tolist()
@@ -94,16 +102,22 @@ def test_the_distribution_moves_with_the_voxels_the_shower_has():
     assert (a[0, : SMALL_TOK.n_voxels][free] - b[0, : SMALL_TOK.n_voxels][free]).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("centre,own", [(False, False), (True, False), (True, True)])
-def test_greedy_sampling_follows_the_scored_distribution_for_any_used_voxels(centre, own):
+@pytest.mark.parametrize(
+    "centre,own,layer_energy",
+    [(False, False, False), (True, False, False), (True, True, False), (True, True, True)],
+)
+def test_greedy_sampling_follows_the_scored_distribution_for_any_used_voxels(
+    centre, own, layer_energy
+):
     """Layer, then x, then y by argmax of the conditionals that ``scores`` multiplies, full layers
     and rows and taken voxels left out: sampling reads the occupancy the way training does."""
-    hd = occupancy_head(seed=1, rings=centre, centre=centre, own=own)
+    hd = occupancy_head(seed=1, rings=centre, centre=centre, own=own, layer_energy=layer_energy)
     b, tok, det = 16, SMALL_TOK, SMALL_DET
     used = torch.rand(b, tok.n_voxels, generator=torch.Generator().manual_seed(0)) < 0.3
     h = torch.randn(b, D)
-    drawn = hd.sample(h, None, used, 0.0)
-    lp = hd.scores(h, used=used)
+    extra = {"energy": torch.rand(b, det.n_layers)} if layer_energy else {}
+    drawn = hd.sample(h, None, used, 0.0, **extra)
+    lp = hd.scores(h, used=used, **extra)
     grid = used.view(b, det.n_layers, det.nx, det.ny)
     vox = lp[:, : tok.n_voxels].exp().view(grid.shape)
     for i in range(b):
@@ -116,6 +130,61 @@ def test_greedy_sampling_follows_the_scored_distribution_for_any_used_voxels(cen
         x = int(vox[i, layer].sum(-1).masked_fill(grid[i, layer].all(-1), 0.0).argmax())
         y = int(vox[i, layer, x].masked_fill(grid[i, layer, x], 0.0).argmax())
         assert int(drawn[i]) == (layer * det.nx + x) * det.ny + y
+
+
+def test_layer_energy_is_each_layers_energy_so_far_over_the_last_hits():
+    """The training features, from the token history, are what a decoder adds up hit by hit:
+    every layer's energy after each position (a slow loop here), over the fed hit's energy."""
+    with pytest.raises(CalofmError, match="layer_energy needs ring_occupancy"):
+        ModelConfig(
+            voxel_head="factorised",
+            exclude_used_voxels=True,
+            voxel_occupancy=True,
+            layer_energy=True,
+        )
+    model = small_model(
+        voxel_occupancy=True, ring_occupancy=True, own_occupancy=True, layer_energy=True
+    )
+    s, e = shower_tokens(2, 10, seed=5)
+    got = model.layer_mev(s, e)
+    n_layers, cells = SMALL_DET.n_layers, SMALL_DET.nx * SMALL_DET.ny
+    for b in range(2):
+        want = torch.zeros(n_layers)
+        for j in range(s.shape[1]):
+            v = int(s[b, j])
+            if v < SMALL_TOK.n_voxels:
+                want[v // cells] += model.bin_mev[e[b, j]]
+            torch.testing.assert_close(got[b, j], want)
+    features = model._layer_energy(got, e)["energy"]
+    last = model.bin_mev[e].clamp(min=SMALL_TOK.threshold_mev)
+    torch.testing.assert_close(features, torch.log1p(got / last[..., None]))
+    loss = model.loss(s, e, torch.tensor([0.2, -0.4]), torch.tensor([0, 1]))[0]
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert model.spatial_head.layer_gate.weight.grad[-2:].abs().sum() > 0
+
+
+def test_layer_energy_moves_only_the_logit_of_its_own_layer():
+    """With the gate weighting the energy feature of a full core by -3, a layer whose core is
+    taken and whose energy is e times the last hit's has its logit lowered by 3 log(1 + e)."""
+    nx, ny, n_layers = SMALL_DET.nx, SMALL_DET.ny, SMALL_DET.n_layers
+    cx, cy, layer = nx // 2, ny // 2, 1
+    core = [(layer * nx + cx - 1 + i) * ny + cy - 1 + j for i in (0, 1) for j in (0, 1)]
+    used = torch.zeros(1, SMALL_TOK.n_voxels, dtype=torch.bool)
+    used[0, core] = True
+    hd = occupancy_head(rings=True, own=True, layer_energy=True)
+    with torch.no_grad():
+        hd.layer_gate.weight.zero_()
+        hd.layer_gate.bias.copy_(torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, -3.0]))
+    energy = torch.log1p(torch.tensor([[4.0, 4.0, 9.0, 2.0]]))[:, :n_layers]
+    occ = hd._used_occupancy(used, energy)[0].layers
+    h = torch.randn(1, D)
+    with_own = hd._layer_logits(h, None, occ)
+    hd.own = False
+    shift = with_own - hd._layer_logits(h, None, occ)
+    want = torch.zeros(1, n_layers + 1)
+    want[0, layer] = -3.0 * energy[0, layer]
+    torch.testing.assert_close(shift, want)
 
 
 @pytest.mark.parametrize("own", [False, True])

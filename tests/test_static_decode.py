@@ -102,7 +102,18 @@ def assert_same(a, b) -> None:
     np.testing.assert_array_equal(a.truncated, b.truncated)
 
 
-@pytest.mark.parametrize("make", [tiny_model, totals_model])
+def layer_energy_model() -> CaloFM:
+    """A model whose layer head leans on the layer energy features (weights large enough to
+    change the draws), so that the decoder's running sums are checked against the history's."""
+    model = totals_model(layer_energy=True)
+    head = model.spatial_head
+    with torch.no_grad():
+        for m in (head.layer_occ, head.layer_gate):
+            m.weight.normal_(std=2.0, generator=torch.Generator().manual_seed(1))
+    return model
+
+
+@pytest.mark.parametrize("make", [tiny_model, totals_model, layer_energy_model])
 def test_static_decode_draws_the_tokens_of_recomputation(make):
     """Sampled, with a dynamic temperature: the static step and recomputing the whole prefix draw
     the same tokens, and a model with totals stops every row at its drawn hit count."""

@@ -142,6 +142,7 @@ class RoutedVoxelHead(nn.Module):
         layer_bias: torch.Tensor | None = None,
         routing: Routing | None = None,
         used: torch.Tensor | None = None,
+        energy: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if used is None:
             return self._routed(
@@ -149,10 +150,11 @@ class RoutedVoxelHead(nn.Module):
             )
         return self._routed(
             routing,
-            lambda head, h, bias, used: head.scores(h, bias, used=used),
+            lambda head, h, bias, used, e: head.scores(h, bias, used=used, **_energy(e)),
             h,
             self._layer_bias(routing),
             used,
+            energy,
         )
 
     def log_prob(
@@ -162,14 +164,16 @@ class RoutedVoxelHead(nn.Module):
         history: torch.Tensor | None = None,
         layer_bias: torch.Tensor | None = None,
         routing: Routing | None = None,
+        energy: torch.Tensor | None = None,
     ) -> torch.Tensor:
         return self._routed(
             routing,
-            lambda head, h, t, hist, bias: head.log_prob(h, t, hist, bias),
+            lambda head, h, t, hist, bias, e: head.log_prob(h, t, hist, bias, **_energy(e)),
             h,
             target,
             history,
             self._layer_bias(routing),
+            energy,
         )
 
     def sample(
@@ -183,21 +187,29 @@ class RoutedVoxelHead(nn.Module):
         layer_bias: torch.Tensor | None = None,
         routing: Routing | None = None,
         can_end: torch.Tensor | None = None,
+        energy: torch.Tensor | None = None,
     ) -> torch.Tensor:
         return self._routed(
             routing,
-            lambda head, h, u, used, bias, end: head.sample(
-                h, u, used, temperature, top_k, top_p, bias, can_end=end
+            lambda head, h, u, used, bias, end, e: head.sample(
+                h, u, used, temperature, top_k, top_p, bias, can_end=end, **_energy(e)
             ),
             h,
             u,
             used,
             self._layer_bias(routing),
             can_end,
+            energy,
         )
 
     def never_end(self) -> None:
         self.base.never_end()
+
+
+def _energy(energy: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The layer energy features as the keyword a factorised head takes (none: no keyword, as
+    the flat and layered heads take none)."""
+    return {} if energy is None else {"energy": energy}
 
 
 def routed_energy_head(model: CaloFM, sites: Sites) -> RoutedHead:

@@ -114,6 +114,8 @@ class StaticDecoder:
         self.out_e = torch.full((b, max_hits + 2), tok.energy_pad, **long)
         unique = model.config.exclude_used_voxels or sampling.unique_voxels
         self.used = torch.zeros(b, tok.n_voxels, dtype=torch.bool, device=dev) if unique else None
+        n_layers = model.detector.n_layers  # each row's energy per layer (layer_energy)
+        self.layer_mev = torch.zeros(b, n_layers, device=dev) if model.config.layer_energy else None
         self.greedy = sampling.greedy
         self.uniforms = (
             None
@@ -170,6 +172,8 @@ class StaticDecoder:
         self.out_s[idx], self.out_e[idx] = tok.spatial_pad, tok.energy_pad
         if self.used is not None:
             self.used[idx] = False
+        if self.layer_mev is not None:
+            self.layer_mev[idx] = 0.0
         self.host_pos[slots] = 0
 
     # ---- the step -------------------------------------------------------------------------------
@@ -204,6 +208,7 @@ class StaticDecoder:
             s.top_p,
             at_end,
             model.energy_shift(self.cond),
+            self.layer_mev,
         )
         if at_end is not None:
             sp = torch.where(at_end, tok.spatial_eos, sp)
@@ -218,6 +223,9 @@ class StaticDecoder:
         self.out_e[self.rows, slot] = torch.where(record, en, tok.energy_pad)
         if self.used is not None:
             self.used[self.rows, sp.clamp(max=tok.n_voxels - 1)] |= record
+        if self.layer_mev is not None:
+            layer = model.geometry[sp, 0].clamp(max=self.layer_mev.shape[1] - 1)
+            self.layer_mev[self.rows, layer] += torch.where(record, model.bin_mev[en], 0.0)
         self.n_hits += record.long()
         first = pos == 0
         self.spatial.copy_(torch.where(first, tok.spatial_sos, sp))

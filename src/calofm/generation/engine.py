@@ -133,6 +133,7 @@ def _decode_recomputing(
     unique = model.config.exclude_used_voxels or sampling.unique_voxels
     used = torch.zeros(b, tok.n_voxels, dtype=torch.bool, device=dev) if unique else None
     steps = 0
+    layer_energy = model.config.layer_energy
     for step in range(max_hits + 1):
         hidden = model.hidden_states(seq_s[:, : step + 1], seq_e[:, : step + 1], cond, routing)
         steps += 1
@@ -148,6 +149,9 @@ def _decode_recomputing(
             sampling.top_p,
             at_end,
             model.energy_shift(cond),
+            model.layer_mev(seq_s[:, : step + 1], seq_e[:, : step + 1])[:, -1]
+            if layer_energy
+            else None,
         )
         if at_end is not None:
             s = torch.where(at_end, tok.spatial_eos, s)

@@ -109,6 +109,8 @@ class StepRunner:
         # the voxels a shower has, as generation keeps them (a head may read them: occupancy)
         unique = model.config.exclude_used_voxels
         self.used = torch.zeros(batch, tok.n_voxels, dtype=torch.bool) if unique else None
+        n_layers = model.detector.n_layers
+        self.layer_mev = torch.zeros(batch, n_layers) if model.config.layer_energy else None
         self.sampling = SamplingConfig()
         self.max_len = max_len
 
@@ -122,6 +124,7 @@ class StepRunner:
             self.energy[:, prefix],
             1.0,
             shift=self.model.energy_shift(self.cond),
+            layer_mev=self.layer_mev,
         )
         done = (s == self.model.tokenizer.spatial_eos) | (e == self.model.tokenizer.energy_eos)
         bool(done.all())

@@ -69,6 +69,11 @@ class ModelConfig(FromDict):
     # is full" lowers that layer's logit directly instead of through the sub-head's mixing layer
     # (needs voxel_occupancy).
     own_occupancy: bool = False
+    # The layer head also sees, per layer, the energy the shower has put there over the last hit's
+    # energy: whether the next hit, about as hot as the last, fits the first ring of a layer whose
+    # core is taken. The hottest tenth of a W shower's hits never go to the first ring in Geant4;
+    # the shipped base sends 4% there, all in layers with a full core (needs ring_occupancy).
+    layer_energy: bool = False
 
     def __post_init__(self) -> None:
         if self.d_model <= 0 or self.n_heads <= 0 or self.n_blocks <= 0 or self.ffn_mult <= 0:
@@ -97,12 +102,17 @@ class ModelConfig(FromDict):
             )
         if self.voxel_head == "layered" and not self.exclude_used_voxels:
             raise CalofmError("model: voxel_head=layered needs exclude_used_voxels=true")
-        features = ("ring_occupancy", "centre_occupancy", "own_occupancy")  # of the occupancy head
+        # of the occupancy head
+        features = ("ring_occupancy", "centre_occupancy", "own_occupancy", "layer_energy")
         needing = [name for name in features if getattr(self, name)]
         if needing and not self.voxel_occupancy:
             raise CalofmError(
                 f"model: {', '.join(needing)} need voxel_occupancy=true (or set "
                 f"{', '.join(f'{name}=false' for name in needing)})"
+            )
+        if self.layer_energy and not self.ring_occupancy:
+            raise CalofmError(
+                "model: layer_energy needs ring_occupancy=true (or set layer_energy=false)"
             )
         if self.relative_energy and not self.totals:
             raise CalofmError(

@@ -49,13 +49,17 @@ RINGS = 3
 # Central columns whose taken cells per x row the x head sees (centre_occupancy): the core's two
 # and one on each side.
 CENTRE = 4
+# Per-layer energy features of the layer head (layer_energy): log(1 + the layer's energy so far over
+# the last hit's), and the same times the fraction of the layer's core taken.
+LAYER_ENERGY = 2
 
 
 class Occupancy(NamedTuple):
     """What each sub-head sees of the voxels a shower already has (``voxel_occupancy``).
 
     ``layers`` (..., L): log(1 + hits) per layer (with ``ring_occupancy``, followed by each
-    layer's fraction of taken cells in the inner rings, (..., L * (1 + RINGS))); ``rows`` (..., X):
+    layer's fraction of taken cells in the inner rings and, with ``layer_energy``, its energy
+    features, (..., L * (1 + RINGS + LAYER_ENERGY))); ``rows`` (..., X):
     log(1 + hits) per x row of the chosen layer (with ``centre_occupancy``, followed by the taken
     flags of each row's central columns, (..., X * (1 + CENTRE))); ``column`` (..., Y): 1 where
     the chosen (layer, x) row's y is taken. From a used-voxel mask, ``rows`` and ``column`` hold
@@ -87,6 +91,7 @@ class FactorisedVoxelHead(nn.Module):
         rings: bool = False,
         centre: bool = False,
         own: bool = False,
+        layer_energy: bool = False,
     ):
         super().__init__()
         d = d_model
@@ -125,10 +130,14 @@ class FactorisedVoxelHead(nn.Module):
                     f"{CENTRE} columns"
                 )
             self.centre_start = (self.ny - CENTRE) // 2
+        self.layer_energy = layer_energy
+        if layer_energy and not rings:
+            raise CalofmError("voxel head: layer energy needs ring occupancy")
+        per_layer = 1 + RINGS * rings + LAYER_ENERGY * layer_energy  # features of each layer
         if occupancy:
             self.register_buffer("ones_y", torch.ones(self.ny, 1), persistent=False)
             self.layer_in = nn.Linear(d, d)
-            self.layer_occ = nn.Linear(self.n_layers * (1 + RINGS * rings), d)
+            self.layer_occ = nn.Linear(self.n_layers * per_layer, d)
             self.layer_out = nn.Linear(d, self.n_layers + 1)
             self.x_occ = nn.Linear(self.nx * (1 + CENTRE * centre), d)
             self.y_occ = nn.Linear(self.ny, d)
@@ -136,7 +145,7 @@ class FactorisedVoxelHead(nn.Module):
         if own:  # the gates of each layer's and each row's own occupancy features
             if not occupancy:
                 raise CalofmError("voxel head: own occupancy needs the occupancy-aware head")
-            self.layer_gate = nn.Linear(d, 1 + RINGS * rings)
+            self.layer_gate = nn.Linear(d, per_layer)
             self.x_gate = nn.Linear(d, 1 + CENTRE * centre)
 
     # the three conditionals -------------------------------------------------------------------
@@ -183,10 +192,15 @@ class FactorisedVoxelHead(nn.Module):
         return self.y_out(F.gelu(a))
 
     def _history_occupancy(
-        self, history: torch.Tensor, layer: torch.Tensor, x: torch.Tensor
+        self,
+        history: torch.Tensor,
+        layer: torch.Tensor,
+        x: torch.Tensor,
+        energy: torch.Tensor | None = None,
     ) -> Occupancy:
         """Occupancy at every position of ``history`` (B, T) (position j has inputs 1..j) for the
-        chosen ``layer`` and ``x`` (B, T): counts from one-hot sums, no (B, T, voxels) tensor."""
+        chosen ``layer`` and ``x`` (B, T): counts from one-hot sums, no (B, T, voxels) tensor.
+        ``energy`` (B, T, L): the layer energy features (``layer_energy_features``)."""
         h_layer, h_x, h_y = self._split(history)
         regular = history < self.n_voxels
         causal = causal_history(history.shape[1], history.device)[None] & regular[:, None, :]
@@ -209,17 +223,28 @@ class FactorisedVoxelHead(nn.Module):
         if self.rings:  # hits per (layer, ring) so far, as a fraction of the ring's cells
             member = self.ring_member[h_x * self.ny + h_y].to(dtype)  # (B, T, RINGS)
             hits = in_layers[..., None] * member[:, :, None]
-            per_layer = self._with_rings(per_layer, hits.cumsum(1))
+            per_layer = self._with_rings(per_layer, hits.cumsum(1), energy)
         return Occupancy(per_layer, rows, column.clamp(max=1))
 
-    def _with_rings(self, per_layer: torch.Tensor, ring_hits: torch.Tensor) -> torch.Tensor:
+    def _with_rings(
+        self, per_layer: torch.Tensor, ring_hits: torch.Tensor, energy: torch.Tensor | None
+    ) -> torch.Tensor:
         """The layer head's occupancy: log(1 + hits) per layer and, per layer, the fraction of
         each inner ring's cells taken (..., L, RINGS): whether a layer's core is full, which its
-        hit count cannot say."""
+        hit count cannot say. With ``layer_energy``, ``energy`` (..., L) follows each layer's
+        rings, alone and times its core's fraction: whether a hit as hot as the last fits the
+        first ring of a layer with a full core."""
         full = ring_hits / self.ring_member.sum(0).to(ring_hits.dtype)
+        if self.layer_energy:
+            if energy is None:
+                raise CalofmError("voxel head: layer energy needs the layer energy features")
+            e = energy.to(full.dtype)[..., None]
+            full = torch.cat([full, e, e * full[..., :1]], dim=-1)
         return torch.cat([per_layer, full.flatten(-2)], dim=-1)
 
-    def _used_occupancy(self, used: torch.Tensor) -> tuple[Occupancy, torch.Tensor]:
+    def _used_occupancy(
+        self, used: torch.Tensor, energy: torch.Tensor | None = None
+    ) -> tuple[Occupancy, torch.Tensor]:
         """Occupancy of every layer, row and column from a (..., voxels) mask: ``layers``
         (..., L), ``rows`` (..., L, X) and ``column`` (..., L, X, Y) (the mask itself, boolean),
         indexed by the choice; and the hits per row (..., L, X), which sampling masks full rows
@@ -233,7 +258,7 @@ class FactorisedVoxelHead(nn.Module):
         if self.rings:
             inner = grid.flatten(-2)[..., self.ring_cells].to(dtype)  # (..., L, ring cells)
             ring_hits = inner @ self.ring_cells_member.to(dtype)  # (..., L, RINGS)
-            per_layer = self._with_rings(per_layer, ring_hits)
+            per_layer = self._with_rings(per_layer, ring_hits, energy)
         rows = torch.log1p(per_row)
         if self.centre:
             central = grid[..., self.centre_start : self.centre_start + CENTRE].to(dtype)
@@ -254,6 +279,7 @@ class FactorisedVoxelHead(nn.Module):
         history: torch.Tensor | None = None,
         layer_bias: torch.Tensor | None = None,
         routing: Routing | None = None,
+        energy: torch.Tensor | None = None,
     ) -> torch.Tensor:
         regular = target < self.n_voxels
         layer, x, y = self._split(target)
@@ -261,7 +287,7 @@ class FactorisedVoxelHead(nn.Module):
         if self.occupancy:
             if history is None:
                 raise CalofmError("voxel head: an occupancy-aware head needs the history")
-            occ = self._history_occupancy(history, layer, x)
+            occ = self._history_occupancy(history, layer, x, energy)
         o_layers, o_rows, o_column = (None, None, None) if occ is None else occ
         lp_layer = torch.log_softmax(self._layer_logits(h, layer_bias, o_layers).float(), dim=-1)
         layer_class = torch.where(regular, layer, torch.full_like(layer, self.n_layers))
@@ -289,6 +315,7 @@ class FactorisedVoxelHead(nn.Module):
         layer_bias: torch.Tensor | None = None,
         routing: Routing | None = None,
         used: torch.Tensor | None = None,
+        energy: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """log P of every spatial token (SOS and PAD at -inf): logits of the same distribution.
 
@@ -298,7 +325,7 @@ class FactorisedVoxelHead(nn.Module):
         if self.occupancy:
             if used is None:
                 raise CalofmError("voxel head: an occupancy-aware head needs the used voxels")
-            (occ_layers, occ_rows, occ_columns), _ = self._used_occupancy(used)
+            (occ_layers, occ_rows, occ_columns), _ = self._used_occupancy(used, energy)
         lp_layer = torch.log_softmax(self._layer_logits(h, layer_bias, occ_layers).float(), -1)
         hx = self.x_in(h)[..., None, :] + self.x_layer.weight  # (..., L, d)
         if occ_rows is not None:
@@ -327,6 +354,7 @@ class FactorisedVoxelHead(nn.Module):
         layer_bias: torch.Tensor | None = None,
         routing: Routing | None = None,
         can_end: torch.Tensor | None = None,
+        energy: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Layer, then x, then y, each from its conditional (top-k/p and temperature per part).
 
@@ -339,7 +367,7 @@ class FactorisedVoxelHead(nn.Module):
         if self.occupancy:
             if used is None:
                 raise CalofmError("voxel head: an occupancy-aware head needs the used voxels")
-            occ, per_row = self._used_occupancy(used.view(b, -1))
+            occ, per_row = self._used_occupancy(used.view(b, -1), energy)
         elif grid is not None:
             per_row = grid.sum(-1)
         logits = self._layer_logits(h, layer_bias, None if occ is None else occ.layers).float()
@@ -389,9 +417,12 @@ def voxel_head(
     rings: bool = False,
     centre: bool = False,
     own: bool = False,
+    layer_energy: bool = False,
 ) -> VoxelHead:
     if kind == "flat":
         return FlatVoxelHead(d_model, tokenizer, layer_of_token)
     if kind == "layered":
         return LayeredVoxelHead(d_model, tokenizer, detector)
-    return FactorisedVoxelHead(d_model, tokenizer, detector, occupancy, rings, centre, own)
+    return FactorisedVoxelHead(
+        d_model, tokenizer, detector, occupancy, rings, centre, own, layer_energy
+    )

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from calofm.detector import DetectorConfig
 from calofm.errors import CalofmError
 from calofm.model.conditions import Conditions
 from calofm.model.config import ModelConfig
@@ -29,6 +30,8 @@ class TokenScoring:
     energy_head: RoutedLinear
     energy_ids: torch.Tensor
     bin_mev: torch.Tensor
+    geometry: torch.Tensor
+    detector: DetectorConfig
     relative: RelativeBins | None
 
     def energy_shift(self, cond: Conditions) -> torch.Tensor | None:
@@ -79,6 +82,27 @@ class TokenScoring:
         visible = self.bin_mev[energy].sum(1).clamp(min=self.tokenizer.threshold_mev)
         return n_hits, visible
 
+    def layer_mev(self, spatial: torch.Tensor, energy: torch.Tensor) -> torch.Tensor:
+        """(B, t, layers): the energy (MeV) each layer holds after tokens 0..j of ``spatial`` and
+        ``energy`` (B, t), per j; what a decoder adds up hit by hit."""
+        layer = self.geometry[spatial, 0]  # special tokens: one past the last layer
+        n_layers = self.detector.n_layers
+        mev = self.bin_mev[energy] * (layer < n_layers)
+        one_hot = F.one_hot(layer.clamp(max=n_layers - 1), n_layers).to(mev.dtype)
+        return (one_hot * mev[..., None]).cumsum(dim=-2)
+
+    def _layer_energy(
+        self, layer_mev: torch.Tensor | None, previous_energy: torch.Tensor | None
+    ) -> dict[str, torch.Tensor]:
+        """The voxel head's ``energy`` argument with ``layer_energy``: log(1 + each layer's energy
+        so far over the last hit's) (..., layers); empty otherwise."""
+        if not self.config.layer_energy:
+            return {}
+        if layer_mev is None or previous_energy is None:
+            raise CalofmError("model: layer_energy needs each layer's energy and the last energy")
+        last = self.bin_mev[previous_energy].clamp(min=self.tokenizer.threshold_mev)
+        return {"energy": torch.log1p(layer_mev / last[..., None])}
+
     def logits(
         self,
         h: torch.Tensor,
@@ -86,15 +110,18 @@ class TokenScoring:
         previous_energy: torch.Tensor | None = None,
         used: torch.Tensor | None = None,
         shift: torch.Tensor | None = None,
+        layer_mev: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Spatial logits (B, t, Vs) (log-probabilities for a factorised head) and energy logits
         (B, t, Ve) from block outputs ``h``; ``previous_energy`` (B, t) the fed energy tokens;
-        ``used`` (B, t, voxels) the voxels each position's shower has (a head that reads them)."""
+        ``used`` (B, t, voxels) the voxels each position's shower has (a head that reads them);
+        ``layer_mev`` (B, t, layers) its energy per layer (``layer_energy``)."""
         h = self.ln_f(h)
+        extra = self._layer_energy(layer_mev, previous_energy)
         if used is None:
-            spatial = self.spatial_head.scores(h, routing=routing)
+            spatial = self.spatial_head.scores(h, routing=routing, **extra)
         else:
-            spatial = self.spatial_head.scores(h, routing=routing, used=used)
+            spatial = self.spatial_head.scores(h, routing=routing, used=used, **extra)
         return spatial, self._energy_logits(h, routing, previous_energy, shift)
 
     def used_voxels(self, spatial: torch.Tensor) -> torch.Tensor:
@@ -126,7 +153,10 @@ class TokenScoring:
         targets_s, targets_e = spatial_full[:, 1:], energy_full[:, 1:]
         h = self.ln_f(h)
         history = inputs_s if self.config.exclude_used_voxels else None
-        log_p = self.spatial_head.log_prob(h, targets_s, history, routing=routing)
+        extra = {}
+        if self.config.layer_energy:
+            extra = self._layer_energy(self.layer_mev(inputs_s, inputs_e), inputs_e)
+        log_p = self.spatial_head.log_prob(h, targets_s, history, routing=routing, **extra)
         real = targets_s != tok.spatial_pad
         nll_s = -torch.where(real, log_p, torch.zeros_like(log_p)).sum() / real.sum().clamp(min=1)
         le = self._energy_logits(h, routing, inputs_e, shift)
@@ -157,13 +187,15 @@ class TokenScoring:
         top_p: float | None = None,
         can_end: torch.Tensor | None = None,
         shift: torch.Tensor | None = None,
+        layer_mev: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Draw the next (voxel, energy bin) per row from the last block's output ``h`` (B, d).
 
         ``u`` (B, 4): the row's uniforms for this step (layer, x, y, energy; a flat head uses the
         first for the voxel); ``used`` (B, n_voxels) the voxels never to draw again (or None);
         ``previous_energy`` (B,) the last energy token fed; ``can_end`` (B,) bool: rows whose
-        voxel head may end the shower here (None: all). SOS and PAD never come out.
+        voxel head may end the shower here (None: all); ``layer_mev`` (B, layers) each row's
+        energy per layer so far (``layer_energy``). SOS and PAD never come out.
         """
         tok = self.tokenizer
         h = self.ln_f(h)
@@ -176,6 +208,7 @@ class TokenScoring:
             top_p,
             routing=routing,
             can_end=can_end,
+            **self._layer_energy(layer_mev, previous_energy),
         )
         le = self._energy_logits(h, routing, previous_energy, shift).float()
         le[:, tok.energy_sos] = le[:, tok.energy_pad] = float("-inf")  # no index tensors

@@ -105,6 +105,7 @@ class CaloFM(StreamInputs, TokenScoring, nn.Module):
             config.ring_occupancy,
             config.centre_occupancy,
             config.own_occupancy,
+            config.layer_energy,
         )
         self.energy_head = RoutedLinear(d, energy_vocab)
         self.apply(self._init_weights)
@@ -229,7 +230,8 @@ class CaloFM(StreamInputs, TokenScoring, nn.Module):
         cond = Conditions.of(cond)
         h = self.hidden_states(spatial, energy, cond, routing)[-1]
         used = self.used_voxels(spatial) if self.config.head_reads_used else None
-        return self.logits(h, routing, energy, used, self.energy_shift(cond))
+        layer_mev = self.layer_mev(spatial, energy) if self.config.layer_energy else None
+        return self.logits(h, routing, energy, used, self.energy_shift(cond), layer_mev)
 
     def loss(
         self,
