@@ -74,9 +74,7 @@ def test_training_log_likelihood_is_the_distribution_scored_from_the_used_voxels
     s, _ = shower_tokens(2, 9, seed=4)
     history, target = s[:, :-1], s[:, 1:]
     h = torch.randn(2, history.shape[1], D)
-    extra = (
-        {"energy": torch.rand(2, history.shape[1], SMALL_DET.n_layers)} if layer_energy else {}
-    )
+    extra = {"energy": torch.rand(2, history.shape[1], SMALL_DET.n_layers)} if layer_energy else {}
     got = hd.log_prob(h, target, history, **extra)
     log_p = hd.scores(h, used=used_so_far(history), **extra)
     for b in range(2):
@@ -275,3 +273,32 @@ def test_turning_occupancy_off_names_every_option_that_needs_it_in_one_line():
     assert "\n" not in message
     for name in ("ring_occupancy", "centre_occupancy", "own_occupancy"):
         assert f"{name}=false" in message
+
+
+def test_adapters_on_a_layer_energy_base_keep_its_classes_and_use_the_features():
+    """A particle's own voxel head gets the layer energy features in scoring, in the loss and in
+    sampling; the base classes' logits stay bit-identical."""
+    import dataclasses
+
+    import numpy as np
+    from test_adapters import BASE, DET, PB_GAMMA, TOKENS, W_ELECTRON, assert_equal, logits, trained
+    from test_adapters import tokens as adapter_tokens
+
+    from calofm.generation.engine import generate
+    from calofm.model import CaloFM
+    from calofm.model.config import preset
+
+    torch.manual_seed(0)
+    config = dataclasses.replace(preset("tiny"), layer_energy=True)
+    base = CaloFM(config, TOKENS, DET, BASE).eval()
+    before = logits(base, BASE)
+    model = trained(base, PB_GAMMA, W_ELECTRON)
+    assert_equal(logits(model, BASE), before)
+    classes = ["G4_W:gamma", "G4_W:e-", "G4_Pb:gamma"]
+    spatial, _ = logits(model, classes)
+    assert torch.isfinite(spatial[..., : TOKENS.n_voxels]).any()
+    s, e, cond = adapter_tokens(3)
+    ids = torch.tensor([model.class_index(c) for c in classes])
+    assert torch.isfinite(model.loss(s, e, cond, ids)[0])
+    showers, _ = generate(model, classes[1:], np.array([2.0, 3.0]), seed=0, max_hits=12)
+    assert all(len(showers[c]) == 1 for c in classes[1:])
