@@ -200,7 +200,7 @@ class FactorisedVoxelHead(nn.Module):
     ) -> Occupancy:
         """Occupancy at every position of ``history`` (B, T) (position j has inputs 1..j) for the
         chosen ``layer`` and ``x`` (B, T): counts from one-hot sums, no (B, T, voxels) tensor.
-        ``energy`` (B, T, L): the layer energy features (``layer_energy_features``)."""
+        ``energy`` (B, T, L): the layer energy features (``TokenScoring._layer_energy``)."""
         h_layer, h_x, h_y = self._split(history)
         regular = history < self.n_voxels
         causal = causal_history(history.shape[1], history.device)[None] & regular[:, None, :]
