@@ -79,6 +79,8 @@ ARMS = {
     "small+own": {**DESIGN, "relative_energy": True, "own_occupancy": True},
     # ... and the layer head sees each layer's energy so far over the last hit's
     "small+own+layer-energy": {**DESIGN, "relative_energy": True, "layer_energy": True},
+    # ... or the layer head sees, per layer, whether each inner ring is full
+    "small+own+full-rings": {**DESIGN, "relative_energy": True, "full_rings": True},
     # the layered head, and every position sees the mean energy per hit still to come
     "small+layered+perhit": {
         **OCCUPANCY,

@@ -20,9 +20,12 @@ def occupancy_head(
     centre: bool = False,
     own: bool = False,
     layer_energy: bool = False,
+    full_rings: bool = False,
 ) -> FactorisedVoxelHead:
     torch.manual_seed(seed)
-    head = FactorisedVoxelHead(D, SMALL_TOK, SMALL_DET, True, rings, centre, own, layer_energy)
+    head = FactorisedVoxelHead(
+        D, SMALL_TOK, SMALL_DET, True, rings, centre, own, layer_energy, full_rings
+    )
     gates = (head.layer_gate, head.x_gate) if own else ()
     with torch.no_grad():  # make the occupancy weights large enough to matter
         for m in (head.layer_occ, head.x_occ, head.y_occ, *gates):
@@ -54,22 +57,25 @@ def test_occupancy_needs_the_factorised_head_and_voxels_used_once():
 
 
 @pytest.mark.parametrize(
-    "rings,centre,own,layer_energy",
+    "rings,centre,own,layer_energy,full_rings",
     [
-        (False, False, False, False),
-        (True, False, False, False),
-        (True, True, False, False),
-        (False, False, True, False),
-        (True, True, True, False),
-        (True, True, True, True),
+        (False, False, False, False, False),
+        (True, False, False, False, False),
+        (True, True, False, False, False),
+        (False, False, True, False, False),
+        (True, True, True, False, False),
+        (True, True, True, True, False),
+        (True, True, True, True, True),
     ],
 )
 def test_training_log_likelihood_is_the_distribution_scored_from_the_used_voxels(
-    rings, centre, own, layer_energy
+    rings, centre, own, layer_energy, full_rings
 ):
     """log_prob's occupancy (one-hot sums over the history) is the one ``scores`` reads from the
     used-voxel mask, and the y already taken in the target's row are renormalised away."""
-    hd = occupancy_head(rings=rings, centre=centre, own=own, layer_energy=layer_energy)
+    hd = occupancy_head(
+        rings=rings, centre=centre, own=own, layer_energy=layer_energy, full_rings=full_rings
+    )
     tok, ny = SMALL_TOK, SMALL_DET.ny
     s, _ = shower_tokens(2, 9, seed=4)
     history, target = s[:, :-1], s[:, 1:]
@@ -101,15 +107,28 @@ def test_the_distribution_moves_with_the_voxels_the_shower_has():
 
 
 @pytest.mark.parametrize(
-    "centre,own,layer_energy",
-    [(False, False, False), (True, False, False), (True, True, False), (True, True, True)],
+    "centre,own,layer_energy,full_rings",
+    [
+        (False, False, False, False),
+        (True, False, False, False),
+        (True, True, False, False),
+        (True, True, True, False),
+        (True, True, False, True),
+    ],
 )
 def test_greedy_sampling_follows_the_scored_distribution_for_any_used_voxels(
-    centre, own, layer_energy
+    centre, own, layer_energy, full_rings
 ):
     """Layer, then x, then y by argmax of the conditionals that ``scores`` multiplies, full layers
     and rows and taken voxels left out: sampling reads the occupancy the way training does."""
-    hd = occupancy_head(seed=1, rings=centre, centre=centre, own=own, layer_energy=layer_energy)
+    hd = occupancy_head(
+        seed=1,
+        rings=centre,
+        centre=centre,
+        own=own,
+        layer_energy=layer_energy,
+        full_rings=full_rings,
+    )
     b, tok, det = 16, SMALL_TOK, SMALL_DET
     used = torch.rand(b, tok.n_voxels, generator=torch.Generator().manual_seed(0)) < 0.3
     h = torch.randn(b, D)
@@ -218,6 +237,28 @@ def test_ring_occupancy_tells_a_full_core_from_the_same_hit_count_elsewhere():
             occ.append(hd._used_occupancy(used)[0].layers)
         assert (occ[0] != occ[1]).any().item() is differs
     assert hd._used_occupancy(used)[0].layers.shape[-1] == SMALL_DET.n_layers * 4
+
+
+def test_full_rings_flag_a_full_core_but_not_one_with_a_free_cell():
+    """A layer with every core cell taken gets its core's flag; its neighbour with one core cell
+    free keeps the flag at 0, while its taken fraction is most of the full one's."""
+    with pytest.raises(CalofmError, match="full_rings needs ring_occupancy"):
+        ModelConfig(
+            voxel_head="factorised", exclude_used_voxels=True, voxel_occupancy=True, full_rings=True
+        )
+    n_layers, cells = SMALL_DET.n_layers, SMALL_DET.nx * SMALL_DET.ny
+    hd = occupancy_head(rings=True, full_rings=True)
+    core = hd.ring_member[:, 0].nonzero()[:, 0].tolist()
+    used = torch.zeros(1, SMALL_TOK.n_voxels, dtype=torch.bool)
+    used[0, core] = True  # layer 0: full core
+    used[0, [cells + v for v in core[:-1]]] = True  # layer 1: one core cell free
+    layers = hd._used_occupancy(used)[0].layers[0]
+    assert layers.shape[-1] == n_layers * (1 + 2 * 3)
+    per_layer = layers[n_layers:].view(n_layers, 6)  # fractions of the three rings, then flags
+    partial = (len(core) - 1) / len(core)
+    torch.testing.assert_close(per_layer[:2, 0], torch.tensor([1.0, partial]))
+    torch.testing.assert_close(per_layer[:, 3], (torch.arange(n_layers) == 0).float())
+    assert (per_layer[:, 4:] == 0).all()
 
 
 def test_centre_occupancy_tells_a_taken_core_cell_from_the_same_row_count_elsewhere():

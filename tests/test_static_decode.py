@@ -52,6 +52,7 @@ def conditions(model: CaloFM, incident: Conditions | torch.Tensor) -> Conditions
         lambda: totals_model(energy_left_per_hit=True),
         lambda: totals_model(ring_occupancy=True),
         lambda: totals_model(ring_occupancy=True, centre_occupancy=True),
+        lambda: totals_model(ring_occupancy=True, full_rings=True),
         lambda: totals_model("log", relative_energy=True),
         lambda: tiny_model(paper_design=True),
     ],
@@ -102,10 +103,10 @@ def assert_same(a, b) -> None:
     np.testing.assert_array_equal(a.truncated, b.truncated)
 
 
-def layer_energy_model() -> CaloFM:
+def layer_energy_model(**options) -> CaloFM:
     """A model whose layer head leans on the layer energy features (weights large enough to
     change the draws), so that the decoder's running sums are checked against the history's."""
-    model = totals_model(layer_energy=True)
+    model = totals_model(layer_energy=True, **options)
     head = model.spatial_head
     with torch.no_grad():
         for m in (head.layer_occ, head.layer_gate):
@@ -113,7 +114,10 @@ def layer_energy_model() -> CaloFM:
     return model
 
 
-@pytest.mark.parametrize("make", [tiny_model, totals_model, layer_energy_model])
+@pytest.mark.parametrize(
+    "make",
+    [tiny_model, totals_model, layer_energy_model, lambda: layer_energy_model(full_rings=True)],
+)
 def test_static_decode_draws_the_tokens_of_recomputation(make):
     """Sampled, with a dynamic temperature: the static step and recomputing the whole prefix draw
     the same tokens, and a model with totals stops every row at its drawn hit count."""

@@ -74,6 +74,11 @@ class ModelConfig(FromDict):
     # core is taken. The hottest tenth of a W shower's hits never go to the first ring in Geant4;
     # the shipped base sends 4% there, all in layers with a full core (needs ring_occupancy).
     layer_energy: bool = False
+    # The layer head also sees, per layer, whether each inner ring is full. Its taken fraction
+    # enters a linear term, which cannot tell a full core (no hot hit fits) from a core with one
+    # free cell (where the next hot hit goes) without also pushing empty cores apart from both
+    # (needs ring_occupancy).
+    full_rings: bool = False
 
     def __post_init__(self) -> None:
         if self.d_model <= 0 or self.n_heads <= 0 or self.n_blocks <= 0 or self.ffn_mult <= 0:
@@ -103,17 +108,22 @@ class ModelConfig(FromDict):
         if self.voxel_head == "layered" and not self.exclude_used_voxels:
             raise CalofmError("model: voxel_head=layered needs exclude_used_voxels=true")
         # of the occupancy head
-        features = ("ring_occupancy", "centre_occupancy", "own_occupancy", "layer_energy")
+        features = (
+            "ring_occupancy",
+            "centre_occupancy",
+            "own_occupancy",
+            "layer_energy",
+            "full_rings",
+        )
         needing = [name for name in features if getattr(self, name)]
         if needing and not self.voxel_occupancy:
             raise CalofmError(
                 f"model: {', '.join(needing)} need voxel_occupancy=true (or set "
                 f"{', '.join(f'{name}=false' for name in needing)})"
             )
-        if self.layer_energy and not self.ring_occupancy:
-            raise CalofmError(
-                "model: layer_energy needs ring_occupancy=true (or set layer_energy=false)"
-            )
+        for name in ("layer_energy", "full_rings"):
+            if getattr(self, name) and not self.ring_occupancy:
+                raise CalofmError(f"model: {name} needs ring_occupancy=true (or set {name}=false)")
         if self.relative_energy and not self.totals:
             raise CalofmError(
                 "model: relative_energy needs totals=true (or set relative_energy=false)"

@@ -58,8 +58,9 @@ class Occupancy(NamedTuple):
     """What each sub-head sees of the voxels a shower already has (``voxel_occupancy``).
 
     ``layers`` (..., L): log(1 + hits) per layer (with ``ring_occupancy``, followed by each
-    layer's fraction of taken cells in the inner rings and, with ``layer_energy``, its energy
-    features, (..., L * (1 + RINGS + LAYER_ENERGY))); ``rows`` (..., X):
+    layer's fraction of taken cells in the inner rings, with ``full_rings`` their full flags and,
+    with ``layer_energy``, its energy features, (..., L * (1 + 2 RINGS + LAYER_ENERGY)));
+    ``rows`` (..., X):
     log(1 + hits) per x row of the chosen layer (with ``centre_occupancy``, followed by the taken
     flags of each row's central columns, (..., X * (1 + CENTRE))); ``column`` (..., Y): 1 where
     the chosen (layer, x) row's y is taken. From a used-voxel mask, ``rows`` and ``column`` hold
@@ -92,6 +93,7 @@ class FactorisedVoxelHead(nn.Module):
         centre: bool = False,
         own: bool = False,
         layer_energy: bool = False,
+        full_rings: bool = False,
     ):
         super().__init__()
         d = d_model
@@ -133,7 +135,11 @@ class FactorisedVoxelHead(nn.Module):
         self.layer_energy = layer_energy
         if layer_energy and not rings:
             raise CalofmError("voxel head: layer energy needs ring occupancy")
-        per_layer = 1 + RINGS * rings + LAYER_ENERGY * layer_energy  # features of each layer
+        self.full_rings = full_rings
+        if full_rings and not rings:
+            raise CalofmError("voxel head: full rings need ring occupancy")
+        # features of each layer: hits, ring fractions, full flags, energy
+        per_layer = 1 + RINGS * rings + RINGS * full_rings + LAYER_ENERGY * layer_energy
         if occupancy:
             self.register_buffer("ones_y", torch.ones(self.ny, 1), persistent=False)
             self.layer_in = nn.Linear(d, d)
@@ -231,10 +237,14 @@ class FactorisedVoxelHead(nn.Module):
     ) -> torch.Tensor:
         """The layer head's occupancy: log(1 + hits) per layer and, per layer, the fraction of
         each inner ring's cells taken (..., L, RINGS): whether a layer's core is full, which its
-        hit count cannot say. With ``layer_energy``, ``energy`` (..., L) follows each layer's
-        rings, alone and times its core's fraction: whether a hit as hot as the last fits the
-        first ring of a layer with a full core."""
-        full = ring_hits / self.ring_member.sum(0).to(ring_hits.dtype)
+        hit count cannot say. With ``full_rings`` each ring's flag of being full follows (a
+        step, where the fraction is a slope). With ``layer_energy``, ``energy`` (..., L) follows,
+        alone and times its core's fraction: whether a hit as hot as the last fits the first
+        ring of a layer with a full core."""
+        size = self.ring_member.sum(0).to(ring_hits.dtype)
+        full = ring_hits / size
+        if self.full_rings:
+            full = torch.cat([full, (ring_hits >= size).to(full.dtype)], dim=-1)
         if self.layer_energy:
             if energy is None:
                 raise CalofmError("voxel head: layer energy needs the layer energy features")
@@ -418,11 +428,12 @@ def voxel_head(
     centre: bool = False,
     own: bool = False,
     layer_energy: bool = False,
+    full_rings: bool = False,
 ) -> VoxelHead:
     if kind == "flat":
         return FlatVoxelHead(d_model, tokenizer, layer_of_token)
     if kind == "layered":
         return LayeredVoxelHead(d_model, tokenizer, detector)
     return FactorisedVoxelHead(
-        d_model, tokenizer, detector, occupancy, rings, centre, own, layer_energy
+        d_model, tokenizer, detector, occupancy, rings, centre, own, layer_energy, full_rings
     )

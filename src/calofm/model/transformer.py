@@ -106,6 +106,7 @@ class CaloFM(StreamInputs, TokenScoring, nn.Module):
             config.centre_occupancy,
             config.own_occupancy,
             config.layer_energy,
+            config.full_rings,
         )
         self.energy_head = RoutedLinear(d, energy_vocab)
         self.apply(self._init_weights)
