@@ -220,6 +220,27 @@ def test_a_shower_is_the_same_whatever_the_batch_and_refill_order(continuous):
         assert stats["continuous"] is continuous
 
 
+@pytest.mark.parametrize("batch", [2, 5, 9])
+def test_classes_decode_side_by_side_and_each_shower_is_its_rows(batch):
+    """Rows of two classes decode in one batch, each class in its own slots: whatever the batch,
+    every shower is the one its row draws, and the steps are those of one class, not a sum."""
+    model = tiny_model()
+    classes = [model.classes[r % 2] for r in range(9)]
+    energies = np.linspace(10, 100, 9)
+    kw = dict(seed=3, max_hits=12, engine=EngineConfig(check_every=1))
+    want, together = generate(model, classes, energies, batch_size=9, **kw)
+    got, stats = generate(model, classes, energies, batch_size=batch, **kw)
+    for name in model.classes[:2]:
+        np.testing.assert_array_equal(got[name].offsets, want[name].offsets)
+        np.testing.assert_array_equal(got[name].voxels, want[name].voxels)
+        np.testing.assert_allclose(got[name].energies, want[name].energies, rtol=1e-6)
+    alone = [
+        generate(model, name, energies[:5], batch_size=5, **kw)[1]["steps"]
+        for name in model.classes[:2]
+    ]
+    assert together["steps"] <= max(alone) + 1 < sum(alone)
+
+
 def test_continuous_batching_needs_fewer_steps_when_lengths_vary():
     """One long shower holds a lockstep batch back; with refills the short ones go on."""
     model = tiny_model(paper_design=True)

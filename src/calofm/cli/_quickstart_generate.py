@@ -2,10 +2,10 @@
 
 Rows of all classes are interleaved (row r is class r mod K) and go to ``generate`` in tasks of
 ``task_rows`` rows, so every call holds every class, each row routed to its own expert (the
-engine decodes each class in its own ``slots``, refilled as showers end). Row r draws from its own
-seeded stream, so the showers do not depend on which worker process decodes which task. Each
-task's showers are saved under ``PARTIAL_DIR/batch_NNNN.npz`` (atomically) as it finishes: an
-interrupted run resumes at the first missing task.
+engine decodes all classes in one batch, ``slots`` of it per class, refilled as showers end).
+Row r draws from its own seeded stream, so the showers do not depend on which worker process
+decodes which task. Each task's showers are saved under ``PARTIAL_DIR/batch_NNNN.npz``
+(atomically) as it finishes: an interrupted run resumes at the first missing task.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ def _decode_batch(task: tuple) -> tuple[int, dict[str, dict[str, np.ndarray]], f
         classes,
         incident,
         seed=seed,
-        batch_size=slots,
+        batch_size=slots * len(set(classes)),
         max_hits=max_hits,
         first_row=first_row,
     )

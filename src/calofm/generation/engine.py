@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from calofm.data.showers import SparseShowers, concatenate
+from calofm.detector import DetectorConfig
 from calofm.errors import CalofmError
 from calofm.generation.decoder import N_UNIFORMS, EngineConfig, StaticDecoder
 from calofm.generation.sampler import SamplingConfig
@@ -208,6 +209,27 @@ def _borrowed(model: CaloFM, device: str | torch.device | None) -> Iterator[torc
         model.to(home)
 
 
+@dataclass
+class _ClassSlots:
+    """One class's rows in ``generate``: its block of slots, conditions and queue of rows left."""
+
+    rows: np.ndarray  # the class's row numbers
+    slots: np.ndarray  # its block of decoder slots
+    class_id: int
+    cond: Conditions  # of ``rows``, totals drawn
+    queue: list[int]  # positions in ``rows`` still to decode, in order
+    detector: DetectorConfig
+    particle: str
+
+
+def _slot_shares(per_row: list[str], batch_size: int) -> dict[str, int]:
+    """Slots of each class (in order of first appearance): ``batch_size`` shared by the classes'
+    numbers of rows, at least one each and never more than a class has rows."""
+    counts = {name: per_row.count(name) for name in dict.fromkeys(per_row)}
+    n = len(per_row)
+    return {c: min(k, max(1, batch_size * k // n)) for c, k in counts.items()}
+
+
 def _class_rows(model: CaloFM, classes: str | Sequence[str], n: int) -> list[str]:
     per_row = [classes] * n if isinstance(classes, str) else list(classes)
     if len(per_row) != n:
@@ -242,8 +264,10 @@ def generate(
     Returns the showers of each class (rows in input order) and statistics: hits generated,
     duplicate voxels merged, showers truncated at ``max_hits``, speed, KV-cache bytes per shower.
     ``first_row`` numbers the rows for seeding, so generating rows in several calls gives the same
-    showers as one call. Each class is decoded in ``batch_size`` slots; ``continuous`` refills a
-    slot as soon as its shower ends, otherwise a batch starts when the previous one has ended.
+    showers as one call. All classes are decoded together in ``batch_size`` slots, each class in
+    its own block (a share by its number of rows, at least one slot); ``continuous`` refills a
+    slot as soon as its shower ends, otherwise a class's block restarts when all of its showers
+    have ended.
     The model runs in eval mode, on ``device`` if given; it is left in its mode and on its device.
     """
     incident_gev = np.asarray(incident_gev, dtype=np.float32).reshape(-1)
@@ -277,7 +301,7 @@ def generate(
         def start(
             slots: np.ndarray, todo: np.ndarray, cond: Conditions, dec: StaticDecoder
         ) -> None:
-            """Load the showers of rows ``todo`` (one class), conditions ``cond``, into ``slots``."""
+            """Load the showers of rows ``todo``, conditions ``cond``, into ``slots``."""
             for r in todo:
                 rngs[r] = seeded_rng(seed, ROWS, first_row + r)
             uniforms = None
@@ -286,13 +310,13 @@ def generate(
                 uniforms = torch.from_numpy(draws)
             dec.load(slots, cond, uniforms)
 
-        for name in dict.fromkeys(per_row):
+        # Every class in one batch, each in its own block of slots (a share of ``batch_size``
+        # by its number of rows, at least one) refilled from its own queue: one step serves all
+        # classes, so a step's fixed cost is paid once, and a block's routing never changes.
+        groups: list[_ClassSlots] = []
+        for name, share in _slot_shares(per_row, batch_size).items():
             rows = np.array([r for r in range(n) if per_row[r] == name])
-            material, particle = parse_class(name)
-            detector = model.detector.with_material(material)
-            n_slots = min(batch_size, len(rows))
-            class_id = torch.full((n_slots,), int(class_ids[rows[0]]), device=dev)
-            slot_row = np.full(n_slots, -1)
+            first = sum(len(g.slots) for g in groups)
             cond = Conditions(torch.from_numpy(scaled[rows]).to(dev))
             queue = list(range(len(rows)))  # positions in ``rows``
             if model.totals is not None:
@@ -302,40 +326,58 @@ def generate(
                 # Longest first: the showers decoded side by side then end together, and attention
                 # covers the positions they have reached, not those of one long straggler.
                 queue = np.argsort(-cond.n_hits.cpu().numpy(), kind="stable").tolist()
-            with StaticDecoder(model, class_id, sampling, max_hits, engine) as dec:
-                stats["kv_cache_bytes_per_shower"] = dec.kv_cache_bytes_per_shower()
-                while queue or dec.busy():
-                    free = np.flatnonzero(slot_row < 0)
-                    if queue and len(free) and (continuous or len(free) == n_slots):
-                        picked = np.array(queue[: len(free)])
-                        del queue[: len(picked)]
-                        todo = rows[picked]
-                        start(free[: len(todo)], todo, cond[torch.from_numpy(picked)], dec)
+            material, particle = parse_class(name)
+            groups.append(
+                _ClassSlots(
+                    rows,
+                    np.arange(first, first + share),
+                    int(class_ids[rows[0]]),
+                    cond,
+                    queue,
+                    model.detector.with_material(material),
+                    particle,
+                )
+            )
+        class_id = torch.tensor(
+            [g.class_id for g in groups for _ in g.slots], dtype=torch.long, device=dev
+        )
+        slot_row = np.full(len(class_id), -1)
+        slot_group = np.concatenate([np.full(len(g.slots), i) for i, g in enumerate(groups)])
+        with StaticDecoder(model, class_id, sampling, max_hits, engine) as dec:
+            stats["kv_cache_bytes_per_shower"] = dec.kv_cache_bytes_per_shower()
+            while any(g.queue for g in groups) or dec.busy():
+                for g in groups:
+                    free = g.slots[slot_row[g.slots] < 0]
+                    if g.queue and len(free) and (continuous or len(free) == len(g.slots)):
+                        picked = np.array(g.queue[: len(free)])
+                        del g.queue[: len(picked)]
+                        todo = g.rows[picked]
+                        start(free[: len(todo)], todo, g.cond[torch.from_numpy(picked)], dec)
                         slot_row[free[: len(todo)]] = todo
-                    dec.run(dec.config.check_every)
-                    out = dec.finished()
-                    for i, slot in enumerate(out.slots):
-                        r, k = int(slot_row[slot]), int(out.n_hits[i])
-                        slot_row[slot] = -1
-                        one, n_dup = tokenizer.decode(
-                            [out.spatial[i, :k]],
-                            [out.energy[i, :k]],
-                            incident_gev[r : r + 1],
-                            detector,
-                            particle,
-                            rngs.pop(r),
-                        )
-                        if r in visible and k:  # the drawn visible energy, exactly
-                            target = visible.pop(r)
-                            scales.append(target / one.energies.sum(dtype=np.float64))
-                            one.energies[:] = match_visible(one.energies, target, threshold)
-                        showers[r] = one
-                        stats["n_hits"] += k
-                        stats["n_duplicates"] += n_dup
-                        stats["n_truncated"] += int(out.truncated[i])
-                    if progress is not None and len(out.slots):
-                        progress(len(out.slots))
-                stats["steps"] += dec.steps
+                dec.run(dec.config.check_every)
+                out = dec.finished()
+                for i, slot in enumerate(out.slots):
+                    r, k, g = int(slot_row[slot]), int(out.n_hits[i]), groups[slot_group[slot]]
+                    slot_row[slot] = -1
+                    one, n_dup = tokenizer.decode(
+                        [out.spatial[i, :k]],
+                        [out.energy[i, :k]],
+                        incident_gev[r : r + 1],
+                        g.detector,
+                        g.particle,
+                        rngs.pop(r),
+                    )
+                    if r in visible and k:  # the drawn visible energy, exactly
+                        target = visible.pop(r)
+                        scales.append(target / one.energies.sum(dtype=np.float64))
+                        one.energies[:] = match_visible(one.energies, target, threshold)
+                    showers[r] = one
+                    stats["n_hits"] += k
+                    stats["n_duplicates"] += n_dup
+                    stats["n_truncated"] += int(out.truncated[i])
+                if progress is not None and len(out.slots):
+                    progress(len(out.slots))
+            stats["steps"] = dec.steps
         seconds = time.perf_counter() - t0
         stats.update(
             seconds=seconds,
