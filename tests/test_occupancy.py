@@ -248,7 +248,7 @@ def test_full_rings_flag_a_full_core_but_not_one_with_a_free_cell():
         )
     n_layers, cells = SMALL_DET.n_layers, SMALL_DET.nx * SMALL_DET.ny
     hd = occupancy_head(rings=True, full_rings=True)
-    core = hd.ring_member[:, 0].nonzero()[:, 0].tolist()
+    core = hd.features.ring_member[:, 0].nonzero()[:, 0].tolist()
     used = torch.zeros(1, SMALL_TOK.n_voxels, dtype=torch.bool)
     used[0, core] = True  # layer 0: full core
     used[0, [cells + v for v in core[:-1]]] = True  # layer 1: one core cell free
