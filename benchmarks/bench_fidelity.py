@@ -53,7 +53,15 @@ OPTIONS = {
 # The paper's design: every option the small preset sets, at its default.
 TODAY = {name: getattr(ModelConfig(), name) for name in [*DESIGN, "relative_energy"]}
 # The previous shipped base's design, which the arms below change one lever at a time.
-OCCUPANCY = {**DESIGN, "ring_occupancy": False, "centre_occupancy": False, "own_occupancy": False}
+OCCUPANCY = {
+    **DESIGN,
+    "ring_occupancy": False,
+    "centre_occupancy": False,
+    "own_occupancy": False,
+    "full_rings": False,
+}
+# The base shipped before full-ring flags, which the last arms change one lever at a time.
+OWN = {**DESIGN, "relative_energy": True, "full_rings": False}
 # Each option alone on the paper's design, each on top of the factorised head (which alone makes
 # a CPU budget buy ~10x more steps, so the others are measured where they can act), and all.
 ARMS = {
@@ -74,13 +82,14 @@ ARMS = {
     "small+rings+centre": {**OCCUPANCY, "ring_occupancy": True, "centre_occupancy": True},
     # energy bins counted from the drawn visible energy
     "small+relative": {**OCCUPANCY, "relative_energy": True},
-    "small+rings+centre+relative": {**DESIGN, "relative_energy": True, "own_occupancy": False},
-    # ... and each layer's and row's own occupancy as a gated term of its logit (the small preset)
-    "small+own": {**DESIGN, "relative_energy": True, "own_occupancy": True},
+    "small+rings+centre+relative": {**OWN, "own_occupancy": False},
+    # ... and each layer's and row's own occupancy as a gated term of its logit (the base shipped
+    # before full-ring flags)
+    "small+own": OWN,
     # ... and the layer head sees each layer's energy so far over the last hit's
-    "small+own+layer-energy": {**DESIGN, "relative_energy": True, "layer_energy": True},
-    # ... or the layer head sees, per layer, whether each inner ring is full
-    "small+own+full-rings": {**DESIGN, "relative_energy": True, "full_rings": True},
+    "small+own+layer-energy": {**OWN, "layer_energy": True},
+    # ... or the layer head sees, per layer, whether each inner ring is full (the small preset)
+    "small+own+full-rings": {**OWN, "full_rings": True},
     # the layered head, and every position sees the mean energy per hit still to come
     "small+layered+perhit": {
         **OCCUPANCY,

@@ -267,6 +267,7 @@ def test_model_options_are_set_by_name_with_their_types_and_refused_when_unknown
             "ring_occupancy=false",
             "centre_occupancy=false",
             "own_occupancy=false",
+            "full_rings=false",
             "falling_energy=false",
             "d_model=64",
         ],

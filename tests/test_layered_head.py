@@ -114,6 +114,7 @@ def test_a_model_with_the_layered_head_trains_and_decodes_with_its_cache():
         ring_occupancy=False,
         centre_occupancy=False,
         own_occupancy=False,
+        full_rings=False,
     )
     s, e = shower_tokens(2, 10, seed=3)
     inc, cid = torch.tensor([0.2, -0.4]), torch.tensor([0, 1])

@@ -208,7 +208,7 @@ def test_layer_energy_moves_only_the_logit_of_its_own_layer():
 def test_a_model_with_occupancy_trains_and_decodes_with_its_cache(own):
     from test_kv_cache import assert_steps_match
 
-    model = small_model(voxel_occupancy=True, ring_occupancy=own, own_occupancy=own)
+    model = small_model(voxel_occupancy=True, ring_occupancy=own, own_occupancy=own, full_rings=own)
     s, e = shower_tokens(2, 10, seed=3)
     inc, cid = torch.tensor([0.2, -0.4]), torch.tensor([0, 1])
     loss = model.loss(s, e, inc, cid)[0]
@@ -312,7 +312,7 @@ def test_turning_occupancy_off_names_every_option_that_needs_it_in_one_line():
         dataclasses.replace(preset("small"), voxel_occupancy=False)
     message = str(info.value)
     assert "\n" not in message
-    for name in ("ring_occupancy", "centre_occupancy", "own_occupancy"):
+    for name in ("ring_occupancy", "centre_occupancy", "own_occupancy", "full_rings"):
         assert f"{name}=false" in message
 
 
