@@ -90,6 +90,8 @@ ARMS = {
     "small+own+layer-energy": {**OWN, "layer_energy": True},
     # ... or the layer head sees, per layer, whether each inner ring is full (the small preset)
     "small+own+full-rings": {**OWN, "full_rings": True},
+    # the small preset, and every position sees which way the shower so far leans
+    "small+transverse": {**DESIGN, "relative_energy": True, "transverse_state": True},
     # the layered head, and every position sees the mean energy per hit still to come
     "small+layered+perhit": {
         **OCCUPANCY,

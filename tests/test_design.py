@@ -322,3 +322,27 @@ def test_with_one_stop_decision_the_energy_head_never_ends_a_shower_nor_learns_t
     assert torch.isinf(le[..., SMALL_TOK.energy_eos]).all()
     model.loss(s, e, torch.tensor([0.1, 0.2]), torch.tensor([0, 1]))[0].backward()  # finite
     assert torch.isfinite(model.energy_head.weight.grad).all()
+
+
+def test_transverse_state_is_the_energy_weighted_centre_of_the_hits_so_far():
+    """Position k sees the hits 1..k's centre in x and y from the beam axis (tenths of a cell),
+    weighted by their bins' energies; and the option needs the shower state."""
+    with pytest.raises(CalofmError, match="transverse_state needs shower_state"):
+        dataclasses.replace(preset("tiny"), shower_state=False, transverse_state=True)
+    from calofm.model.inputs import LEAN_SCALE, _lean
+
+    model = small_model(transverse_state=True)
+    s, e = shower_tokens(2, 6, seed=2)
+    moments = model._moments(s, e).cumsum(1)
+    lean = _lean(moments, model.bin_mev[e].cumsum(1))
+    det = SMALL_DET
+    for b in range(2):
+        for k in range(1, s.shape[1]):
+            v = s[b, 1 : k + 1]
+            keep = v < det.n_voxels
+            w = model.bin_mev[e[b, 1 : k + 1]][keep]
+            x = (v[keep] // det.ny) % det.nx - (det.nx - 1) / 2
+            y = v[keep] % det.ny - (det.ny - 1) / 2
+            want = LEAN_SCALE * torch.stack([(w * x).sum(), (w * y).sum()]) / w.sum()
+            torch.testing.assert_close(lean[b, k], want, rtol=1e-5, atol=1e-5)
+    assert (lean[:, 0] == 0).all()

@@ -53,6 +53,7 @@ def conditions(model: CaloFM, incident: Conditions | torch.Tensor) -> Conditions
         lambda: totals_model(ring_occupancy=True),
         lambda: totals_model(ring_occupancy=True, centre_occupancy=True),
         lambda: totals_model(ring_occupancy=True, full_rings=True),
+        lambda: totals_model(transverse_state=True),
         lambda: totals_model("log", relative_energy=True),
         lambda: tiny_model(paper_design=True),
     ],

@@ -79,6 +79,10 @@ class ModelConfig(FromDict):
     # free cell (where the next hot hit goes) without also pushing empty cores apart from both
     # (needs ring_occupancy).
     full_rings: bool = False
+    # Every position also sees which way the shower so far leans: its energy-weighted transverse
+    # centre, from the beam axis. A Geant4 shower's centre wanders from shower to shower more
+    # than a generated one's (needs shower_state).
+    transverse_state: bool = False
 
     def __post_init__(self) -> None:
         if self.d_model <= 0 or self.n_heads <= 0 or self.n_blocks <= 0 or self.ffn_mult <= 0:
@@ -124,6 +128,10 @@ class ModelConfig(FromDict):
         for name in ("layer_energy", "full_rings"):
             if getattr(self, name) and not self.ring_occupancy:
                 raise CalofmError(f"model: {name} needs ring_occupancy=true (or set {name}=false)")
+        if self.transverse_state and not self.shower_state:
+            raise CalofmError(
+                "model: transverse_state needs shower_state=true (or set transverse_state=false)"
+            )
         if self.relative_energy and not self.totals:
             raise CalofmError(
                 "model: relative_energy needs totals=true (or set relative_energy=false)"

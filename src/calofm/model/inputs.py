@@ -37,6 +37,7 @@ class StreamInputs:
 
     config: ModelConfig
     tokenizer: TokenizerConfig
+    detector: DetectorConfig
     spatial_embed: nn.Embedding
     energy_embed: nn.Embedding
     incident_embed: nn.Linear
@@ -47,6 +48,7 @@ class StreamInputs:
     bin_mev: torch.Tensor
     context: nn.Module | None
     deposited: torch.Tensor | None
+    moments: torch.Tensor | None
     embed_adapters: nn.Module | None
     relative: RelativeBins | None
 
@@ -67,13 +69,19 @@ class StreamInputs:
         return xs, self.energy_embed(energy)
 
     def _context(
-        self, cond: Conditions, energy: torch.Tensor, start: int | None, dtype: torch.dtype
+        self,
+        cond: Conditions,
+        spatial: torch.Tensor,
+        energy: torch.Tensor,
+        start: int | None,
+        dtype: torch.dtype,
     ) -> torch.Tensor | None:
         """(B, t, d) added to every position: the conditions and/or the shower's state so far.
 
         The state at token k (SOS is token 0) is that of hits 1..k: their count and the energy
-        their bins decode to on average, summed from the tokens. On cached passes (``start`` not
-        None) ``self.deposited`` carries the sum from one decode step to the next.
+        their bins decode to on average, summed from the tokens (with ``transverse_state``, also
+        that energy's first moments in x and y). On cached passes (``start`` not None)
+        ``self.deposited`` and ``self.moments`` carry the sums from one decode step to the next.
         """
         if self.context is None:
             return None
@@ -96,7 +104,22 @@ class StreamInputs:
             first = start or 0
             hits = torch.arange(first, first + t, device=energy.device, dtype=dtype).expand(b, t)
             parts.append(self._state(deposited.to(dtype), hits, cond, dtype))
+            if self.config.transverse_state:
+                moments = self._moments(spatial, energy).cumsum(dim=1)
+                if start is not None:
+                    if start > 0:
+                        moments = moments + self.moments[:, None]
+                    self.moments.copy_(moments[:, -1])
+                parts.append(_lean(moments, deposited).to(dtype))
         return self.context(torch.cat(parts, dim=-1))
+
+    def _moments(self, spatial: torch.Tensor, energy: torch.Tensor) -> torch.Tensor:
+        """(..., 2) each hit's energy times its cell's x and y from the beam axis, in cells
+        (special tokens carry no energy)."""
+        x, y = self.geometry[spatial][..., 1:].float().unbind(-1)
+        det = self.detector
+        offsets = torch.stack([x - (det.nx - 1) / 2, y - (det.ny - 1) / 2], dim=-1)
+        return self.bin_mev[energy][..., None] * offsets
 
     def _state(
         self, deposited: torch.Tensor, hits: torch.Tensor, cond: Conditions, dtype: torch.dtype
@@ -126,7 +149,7 @@ class StreamInputs:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The embedded streams, the conditions token prepended on a sequence's first pass."""
         xs, xe = self._token_embeddings(spatial, energy, self.energy_shift(cond))
-        context = self._context(cond, energy, start, xs.dtype)
+        context = self._context(cond, spatial, energy, start, xs.dtype)
         if context is not None:
             xs, xe = xs + context, xe + context
         xi = None
@@ -139,7 +162,12 @@ class StreamInputs:
         return xs, xe
 
     def _step_context(
-        self, cond: Conditions, energy: torch.Tensor, pos: torch.Tensor, dtype: torch.dtype
+        self,
+        cond: Conditions,
+        spatial: torch.Tensor,
+        energy: torch.Tensor,
+        pos: torch.Tensor,
+        dtype: torch.dtype,
     ) -> torch.Tensor | None:
         """``_context`` for one token per row (B,) at per-row positions ``pos`` (B,): the same
         features, from tensors only (the decode step is captured or compiled once).
@@ -161,6 +189,13 @@ class StreamInputs:
             self.deposited.copy_(deposited)
             hits = (pos - 1).clamp(min=0).to(dtype)
             parts.append(self._state(deposited.to(dtype), hits, cond, dtype))
+            if self.config.transverse_state:
+                assert self.moments is not None, "call setup_cache before decoding with a cache"
+                moments = torch.where(fresh[:, None], 0.0, self.moments) + self._moments(
+                    spatial, energy
+                )
+                self.moments.copy_(moments)
+                parts.append(_lean(moments, deposited).to(dtype))
         return self.context(torch.cat(parts, dim=-1))[:, None, :]
 
     def _step_embed(
@@ -175,7 +210,7 @@ class StreamInputs:
         conditions token where ``pos`` is 0, else the tokens ``spatial``, ``energy`` (B,)."""
         s, e = spatial[:, None], energy[:, None]
         xs, xe = self._token_embeddings(s, e, self.energy_shift(cond))
-        context = self._step_context(cond, energy, pos, xs.dtype)
+        context = self._step_context(cond, spatial, energy, pos, xs.dtype)
         if context is not None:
             xs, xe = xs + context, xe + context
         xi = self.incident_embed(cond.incident.to(xs.dtype)[:, None])[:, None, :]
@@ -183,3 +218,13 @@ class StreamInputs:
             xs, xe, xi = self.embed_adapters(xs, xe, xi, s, routing)
         first = (pos == 0)[:, None, None]
         return torch.where(first, xi, xs), torch.where(first, xi, xe)
+
+
+# The lean of a shower in tenths of a cell: a shower's centre wanders by a few tenths.
+LEAN_SCALE = 10.0
+
+
+def _lean(moments: torch.Tensor, deposited: torch.Tensor) -> torch.Tensor:
+    """The energy-weighted transverse centre so far (..., 2), in tenths of a cell from the beam
+    axis; 0 before the first hit."""
+    return LEAN_SCALE * moments / deposited.clamp(min=1e-3)[..., None]

@@ -74,7 +74,9 @@ class CaloFM(StreamInputs, TokenScoring, nn.Module):
         energy_ids = torch.arange(tokenizer.energy_vocab)
         self.register_buffer("energy_ids", energy_ids, persistent=False)
         # remaining hits/energy too, and the energy per hit still to come
-        n_state = (2 + 2 * config.totals + config.energy_left_per_hit) * config.shower_state
+        n_state = (
+            2 + 2 * config.totals + config.energy_left_per_hit + 2 * config.transverse_state
+        ) * config.shower_state
         n_context = (
             Conditions.N_FEATURES * config.condition_every_position
             + Conditions.N_TOTALS * config.totals
@@ -85,9 +87,11 @@ class CaloFM(StreamInputs, TokenScoring, nn.Module):
             if n_context
             else None
         )
-        # Decode-cache state besides the KV cache: the conditions and the energy so far per row.
+        # Decode-cache state besides the KV cache: the conditions, the energy so far per row and
+        # (transverse_state) its first moments in x and y from the beam axis.
         self.cached_conditions: Conditions | None = None
         self.deposited: torch.Tensor | None = None
+        self.moments: torch.Tensor | None = None
         # The one seam for adapters of the embedded streams (calofm.adapters.AdaptedModel sets it).
         self.embed_adapters: nn.Module | None = None
         self.rope = RotaryEmbedding(config)
@@ -281,6 +285,8 @@ class CaloFM(StreamInputs, TokenScoring, nn.Module):
                 device=device or ref.device,
             )
         self.deposited = torch.zeros(batch_size, device=device or ref.device)
+        if c.transverse_state:
+            self.moments = torch.zeros(batch_size, 2, device=device or ref.device)
         return self.cache_bytes()
 
     def cache_bytes(self) -> int:
@@ -289,7 +295,7 @@ class CaloFM(StreamInputs, TokenScoring, nn.Module):
     def clear_cache(self) -> None:
         for block in self.blocks:
             block.attn.kv_cache = None
-        self.cached_conditions = self.deposited = None
+        self.cached_conditions = self.deposited = self.moments = None
 
     def n_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
