@@ -26,13 +26,14 @@ class Scale:
     energy_gev: tuple[float, float]
     max_hits: int | None = None  # longest generated shower (None: the model's)
     task_rows: int = 150  # rows (all classes interleaved) per generate call, one worker's task
-    # Showers of a class decoded at once (refilled as showers end). Measured on a task of the
-    # default scale (50 showers per class): 25 slots 0.43 s per shower, 50 slots 0.55 s.
+    # Slots of each class in the one batch that decodes all classes (refilled as showers end).
+    # Measured on a task of the default scale (50 showers per class), one class per batch then:
+    # 25 slots 0.43 s per shower, 50 slots 0.55 s; all classes in one batch, 25 each: 0.35 s.
     slots: int = 25
 
 
 # "default" is sized for under 10 minutes on 2 idle cores from CPU times measured there: Geant4
-# 0.42 s per 10-100 GeV Pb photon, generation 0.43 s per shower (small-w-ta, one thread), the
+# 0.42 s per 10-100 GeV Pb photon, generation 0.35 s per shower (small-w-ta, one thread), the
 # evaluation 13 s per class; so 600 Geant4 showers (2 min on 2 workers), 2 minutes of expert
 # training and 300 generated showers (1 min) take about 7 minutes, 9 minutes of CPU time.
 SCALES = {
