@@ -133,6 +133,33 @@ def test_sigterm_stops_a_command_like_ctrl_c_with_a_message_and_keeps_the_partia
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored after the command
 
 
+def test_sigterm_that_an_extension_turned_into_another_error_is_still_an_interruption(
+    monkeypatch, capsys
+):
+    """h5py turns an exception raised inside its attribute writing into a TypeError (seen when
+    SIGTERM arrived there): the command still stops with the one-line message, not a traceback;
+    an error without an interruption behind it still propagates."""
+    import calofm.cli.models as models
+    from calofm.cli import Terminated
+
+    def converted(args):
+        try:
+            raise Terminated
+        except Terminated:
+            raise TypeError("Operation not defined for data type class") from None
+
+    monkeypatch.setattr(models, "run", converted)
+    assert main(["models"]) == 128 + signal.SIGTERM
+    assert "interrupted (SIGTERM)" in capsys.readouterr().err
+
+    def plain(args):
+        raise TypeError("a bug")
+
+    monkeypatch.setattr(models, "run", plain)
+    with pytest.raises(TypeError, match="a bug"):
+        main(["models"])
+
+
 def test_generate_warns_on_stderr_in_words_about_energies_outside_the_training_range(
     model_dir, tmp_path, capsys
 ):

@@ -51,6 +51,20 @@ def _sigterm_interrupts() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def _interruption(exc: BaseException) -> KeyboardInterrupt | None:
+    """The Ctrl-C or SIGTERM behind ``exc``: itself, or the one an extension module turned into
+    another error while it ran inside it (geant4-pybind's import raises an ImportError, h5py's
+    attribute writing a TypeError); None for any other error."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, KeyboardInterrupt):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="calofm",
@@ -76,13 +90,11 @@ def main(argv: list[str] | None = None) -> int:
     except CalofmError as exc:
         print(f"calofm {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except (KeyboardInterrupt, ImportError) as exc:
-        # An interruption inside an extension module's import (geant4-pybind) arrives as an
-        # ImportError caused by the KeyboardInterrupt: it is still an interruption.
-        cause = exc.__cause__ or exc.__context__
-        if isinstance(exc, ImportError) and not isinstance(cause, KeyboardInterrupt):
+    except BaseException as exc:
+        interrupt = _interruption(exc)
+        if interrupt is None:
             raise
-        terminated = isinstance(exc, Terminated) or isinstance(cause, Terminated)
+        terminated = isinstance(interrupt, Terminated)
         print(
             f"calofm {args.command}: interrupted{' (SIGTERM)' if terminated else ''}; finished "
             "work is kept: run the same command again to resume",
