@@ -72,7 +72,8 @@ class ModelConfig(FromDict):
     # The layer head also sees, per layer, the energy the shower has put there over the last hit's
     # energy: whether the next hit, about as hot as the last, fits the first ring of a layer whose
     # core is taken. The hottest tenth of a W shower's hits never go to the first ring in Geant4;
-    # the base before full_rings sent 4% there, all in layers with a full core (needs ring_occupancy).
+    # the base before full_rings sent 4% there, all in layers with a full core (needs
+    # ring_occupancy).
     layer_energy: bool = False
     # The layer head also sees, per layer, whether each inner ring is full. Its taken fraction
     # enters a linear term, which cannot tell a full core (no hot hit fits) from a core with one

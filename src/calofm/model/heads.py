@@ -40,6 +40,7 @@ from calofm.model.voxel_parts import (
     add_layer_bias,
     causal_history,
     excluded_log_norm,
+    split_voxels,
     with_special_tokens,
 )
 from calofm.tokens import TokenizerConfig
@@ -149,8 +150,7 @@ class FactorisedVoxelHead(nn.Module):
 
     def _split(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(layer, x, y) of spatial ids; special ids give (0, 0, 0)."""
-        v = torch.where(ids < self.n_voxels, ids, torch.zeros_like(ids))
-        return v // (self.nx * self.ny), (v // self.ny) % self.nx, v % self.ny
+        return split_voxels(ids, self.n_layers, self.nx, self.ny)
 
     def _used_occupancy(
         self, used: torch.Tensor, energy: torch.Tensor | None = None

@@ -15,7 +15,7 @@ from torch import nn
 
 from calofm.detector import DetectorConfig
 from calofm.errors import CalofmError
-from calofm.model.voxel_parts import causal_history
+from calofm.model.voxel_parts import causal_history, split_voxels
 
 # Inner rings around the beam axis whose occupancy per layer the layer head sees (ring_occupancy):
 # the core (the 2 x 2 central cells), the 8 cells around it, the next ring.
@@ -87,11 +87,6 @@ class OccupancyFeatures(nn.Module):
         """Features of each x row: hits, central columns taken."""
         return 1 + CENTRE * self.centre
 
-    def split(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(layer, x, y) of spatial ids; special ids give (0, 0, 0)."""
-        v = torch.where(ids < self.n_voxels, ids, torch.zeros_like(ids))
-        return v // (self.nx * self.ny), (v // self.ny) % self.nx, v % self.ny
-
     def from_history(
         self,
         history: torch.Tensor,
@@ -103,7 +98,7 @@ class OccupancyFeatures(nn.Module):
         """Occupancy at every position of ``history`` (B, T) (position j has inputs 1..j) for the
         chosen ``layer`` and ``x`` (B, T): counts from one-hot sums, no (B, T, voxels) tensor.
         ``energy`` (B, T, L): the layer energy features (``TokenScoring._layer_energy``)."""
-        h_layer, h_x, h_y = self.split(history)
+        h_layer, h_x, h_y = split_voxels(history, self.n_layers, self.nx, self.ny)
         regular = history < self.n_voxels
         causal = causal_history(history.shape[1], history.device)[None] & regular[:, None, :]
         in_layers = F.one_hot(h_layer, self.n_layers).to(dtype) * regular[..., None]  # (B, T, L)

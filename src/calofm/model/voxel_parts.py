@@ -26,6 +26,14 @@ def excluded_log_norm(
     return torch.log1p(-used.clamp(max=1 - 1e-6))
 
 
+def split_voxels(
+    ids: torch.Tensor, n_layers: int, nx: int, ny: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(layer, x, y) of spatial ids; special ids (from n_layers * nx * ny on) give (0, 0, 0)."""
+    v = torch.where(ids < n_layers * nx * ny, ids, torch.zeros_like(ids))
+    return v // (nx * ny), (v // ny) % nx, v % ny
+
+
 def causal_history(n: int, device: torch.device) -> torch.Tensor:
     """(T, T) True where input i (1 <= i <= j) precedes or is position j: the hits so far."""
     i = torch.arange(n, device=device)
