@@ -4,8 +4,8 @@
 # model's showers with and without continuous batching); the table comes last. About 3 minutes on
 # one H200. Installs nothing: it runs calofm from src/ with the torch it finds (and packages in
 # ./.site, where present). Geant4 cannot run where geant4-pybind is missing, so its showers/s per
-# core are read from benchmarks/results/generation_speed.json (measured on the CPU machine; said
-# so in the output). Without a GPU the same steps run on the CPU path at a small size.
+# core are read from benchmarks/results/generation_speed_2threads.json (measured on an idle CPU;
+# said so in the output). Without a GPU the same steps run on the CPU path at a small size.
 #
 #   bash benchmarks/gpu_check.sh            # results in $OUT (or benchmarks/results)
 set -euo pipefail
@@ -24,7 +24,7 @@ python3 -m pytest -q -p no:cacheprovider tests/test_static_decode.py tests/test_
 
 rate=$(python3 - <<'EOF'
 import json, pathlib
-p = pathlib.Path("benchmarks/results/generation_speed.json")
+p = pathlib.Path("benchmarks/results/generation_speed_2threads.json")
 rate = json.loads(p.read_text()).get("geant4_showers_per_s_per_core") if p.exists() else None
 print(rate or "")
 EOF

@@ -201,6 +201,7 @@ CASES = [
     Case("generate-truncated-weights", GEN.replace("{d}/model", "{d}/truncated_model") + " --out {t}/x.h5", 2, "unreadable weights", ("x.h5", "x.h5.partial")),
     Case("generate-malformed-manifest", GEN.replace("{d}/model", "{d}/bad_manifest_model") + " --out {t}/x.h5", 2, "malformed JSON", ("x.h5", "x.h5.partial")),
     Case("generate-class-the-model-lacks", GEN.replace("G4_W", "G4_Ta") + " --out {t}/x.h5", 2, "G4_W:gamma", ("x.h5", "x.h5.partial")),
+    Case("generate-graphs-on-a-cpu", GEN + " --engine graphs --device cpu --out {t}/x.h5", 2, "needs a CUDA device", ("x.h5", "x.h5.partial")),
     Case("generate-unknown-particle", GEN.replace("gamma", "photon") + " --out {t}/x.h5", 2, "unknown particle", ("x.h5", "x.h5.partial")),
     Case("generate-complete-output-exists", GEN + " --out {t}/x.h5", 2, "add --overwrite", ("x.h5.partial",), _existing("x.h5")),
     Case("generate-partial-of-other-arguments", GEN + " --out {t}/x.h5", 2, "other arguments", ("x.h5",), _foreign_partial("x.h5")),

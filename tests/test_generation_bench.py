@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import replace
 
 import pytest
@@ -10,6 +11,7 @@ import pytest
 from calofm.cli import main
 from calofm.generation.benchmark import BenchSettings, format_table, run_benchmark
 from calofm.generation.step_timing import StepTimes
+from calofm.generation.throughput import ThroughputSettings
 
 TOY = BenchSettings(
     preset="tiny",
@@ -57,7 +59,17 @@ def test_bench_model_json_prints_one_object(monkeypatch, capsys):
     assert result["kv_speedup_at_1000"] > 0 and result["expert_cost_ratio_12_vs_2"] > 0
 
 
-def test_bench_generate_reports_every_mode_and_the_speedup_over_geant4(capsys):
+def test_bench_generate_compiles_the_step_on_a_cpu_with_a_compiler(monkeypatch):
+    """The compiled engine itself is tested in test_static_decode (it takes a minute to measure)."""
+    assert "compile" not in ThroughputSettings(device="cuda").run_modes()
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    assert ThroughputSettings().run_modes() == ("recompute", "eager", "packed")
+    monkeypatch.setattr(shutil, "which", lambda name: f"/usr/bin/{name}")
+    assert ThroughputSettings().run_modes() == ("recompute", "eager", "packed", "compile")
+
+
+def test_bench_generate_reports_every_mode_and_the_speedup_over_geant4(monkeypatch, capsys):
+    monkeypatch.setattr(shutil, "which", lambda name: None)  # no compilation: it takes a minute
     args = ["bench", "generate", "--random-weights", "--preset", "tiny", "--batch", "2"]
     args += ["--steps", "6", "--repeats", "1", "--geant4-showers", "0", "--geant4-rate", "4"]
     assert main([*args, "--json", "--threads", "1"]) == 0
@@ -70,7 +82,7 @@ def test_bench_generate_reports_every_mode_and_the_speedup_over_geant4(capsys):
         assert result["showers_per_s"][mode]["2"] == rows["2"]["showers_per_s"]
     assert modes["eager"]["2"]["kv_cache_bytes_per_shower"] > 0
     assert result["geant4_showers_per_s_per_core"] == 4
-    best = max(modes[m]["2"]["showers_per_s"] for m in ("eager", "packed"))
+    best = max(modes[m]["2"]["showers_per_s"] for m in set(modes) - {"recompute"})
     assert result["speedup_vs_geant4"] == pytest.approx(best / 4)
     assert result["tokens_per_s"]["2"] == pytest.approx(best * 6)
 

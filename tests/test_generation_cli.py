@@ -42,6 +42,21 @@ def test_generate_writes_a_showerdata_file_with_its_provenance(model_dir, tmp_pa
     assert np.all(showers.n_hits <= 15)
 
 
+def test_a_compiled_engine_writes_the_showers_of_the_eager_one(model_dir, tmp_path, monkeypatch):
+    """--engine reaches the decoder (the aot_eager backend traces the step in seconds; inductor's
+    own code is checked in test_static_decode)."""
+    import functools
+
+    import torch
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    assert main(command(model_dir, tmp_path / "a.h5")) == 0
+    assert main(command(model_dir, tmp_path / "b.h5", "--engine", "compile")) == 0
+    a, b = read_all(tmp_path / "a.h5"), read_all(tmp_path / "b.h5")
+    np.testing.assert_array_equal(a.voxels, b.voxels)
+    np.testing.assert_array_equal(a.energies, b.energies)
+
+
 def test_same_command_same_showers_and_an_interrupted_run_resumes(model_dir, tmp_path, monkeypatch):
     one = ("--batch-size", "1")  # chunks of 4 showers (CHUNK_BATCHES batches): two appends
     assert main(command(model_dir, tmp_path / "a.h5", *one)) == 0

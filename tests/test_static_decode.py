@@ -165,6 +165,25 @@ def test_compiled_step_draws_the_tokens_of_the_eager_step(monkeypatch):
     assert_same(a, b)
 
 
+def test_compiled_step_with_packed_heads_draws_the_tokens_of_the_eager_step(monkeypatch):
+    """Inductor itself (the CPU engine users get with --engine compile): oneDNN-packed heads are
+    an operator it cannot lower, so they reach it as the opaque ``calofm::packed_linear``."""
+    import shutil
+
+    if shutil.which("g++") is None and shutil.which("c++") is None:
+        pytest.skip("inductor needs a C++ compiler")
+    monkeypatch.setattr("calofm.model.experts.PACK_MIN_WEIGHTS", 1000)  # the tiny heads too
+    model = tiny_model(paper_design=True)
+    model.spatial_head.never_end()
+    assert can_prepack(model.spatial_head)
+    cond, cid, u = sampled(model, 3, 6)
+    a = decode(model, cond, cid, SamplingConfig(), 6, u)
+    b = decode(
+        model, cond, cid, SamplingConfig(), 6, u, engine=EngineConfig.for_device("compile", "cpu")
+    )
+    assert_same(a, b)
+
+
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
 def test_cuda_graph_replay_draws_the_tokens_of_the_eager_step():
     """Showers of 70 hits (a flat head, EOS out of reach), so the replay moves from the first

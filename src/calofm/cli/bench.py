@@ -66,8 +66,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--mode",
         action="append",
         help=(
-            "engine to measure: recompute, eager, packed, compile or graphs (repeatable; default "
-            "every one the device runs but compile)"
+            "engine to measure: recompute, eager, packed, compile or graphs (repeatable; default: "
+            "on CUDA all but compile, on a CPU all but graphs, compile where a C++ compiler is)"
         ),
     )
     g.add_argument("--repeats", type=positive_int, default=2, help="timed runs (median; 2)")

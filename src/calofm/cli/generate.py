@@ -129,6 +129,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=positive_int,
         help="longest shower in hits (default: the model tokenizer's max_hits)",
     )
+    p.add_argument(
+        "--engine",
+        choices=("eager", "compile", "graphs"),
+        default="eager",
+        help=(
+            "how decode steps run (the same showers): eager (default), compile (torch.compile; "
+            "about 1.2x faster on a CPU after half a minute of compiling; needs a C++ compiler) "
+            "or graphs (CUDA graph replay, CUDA only)"
+        ),
+    )
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.set_defaults(func=run)
 
@@ -201,11 +211,12 @@ def _run(
     from calofm.data.writers import ShowerWriter, file_metadata
     from calofm.errors import CalofmError
     from calofm.files import partial_path
-    from calofm.generation.decoder import auto_batch_size, bytes_per_shower
+    from calofm.generation.decoder import EngineConfig, auto_batch_size, bytes_per_shower
     from calofm.generation.engine import INCIDENT, generate, seeded_rng
     from calofm.model.config import parse_class
     from calofm.pretrained import resolve_model
 
+    engine = EngineConfig.for_device(args.engine, env.device)
     model = load_generator_model(args, env.device)
     material = parse_class(cls)[0]
     model.class_index(cls)
@@ -290,6 +301,7 @@ def _run(
                     unique_voxels=sampling.unique_voxels,
                     max_hits=max_hits,
                     first_row=mine,
+                    engine=engine,
                 )
                 result = (showers[cls], stats)
             done = [r for r in _gather(env, result) if r is not None]

@@ -9,7 +9,8 @@ gives showers/s and tokens/s (hits, one per row and step): the process's CPU tim
 uses one thread on a CPU (robust on a shared machine), wall time otherwise. Modes: ``recompute`` (no cache, the
 whole prefix at every step; run over ``recompute_steps`` only, it is quadratic), ``eager`` (the
 static step with the KV cache), ``packed`` (the same with oneDNN-packed heads, the CPU default),
-``compile`` (torch.compile of the step) and ``graphs`` (CUDA graph replay, CUDA only).
+``compile`` (torch.compile of the step; on a CPU with the packed heads, where it needs a C++
+compiler) and ``graphs`` (CUDA graph replay, CUDA only).
 
 With a trained model (``--model``), showers end where the model ends them, so lengths vary: the
 same showers are generated with a batch that waits for its longest shower and with continuous
@@ -28,6 +29,7 @@ import multiprocessing
 import os
 import platform
 import resource
+import shutil
 import statistics
 import time
 from collections.abc import Callable
@@ -59,7 +61,7 @@ class ThroughputSettings:
     presets: tuple[str, ...] = ("paper", "small")
     batches: tuple[int, ...] = (16, 64)
     steps: int = 256
-    modes: tuple[str, ...] | None = None  # None: every mode this device can run but compile
+    modes: tuple[str, ...] | None = None  # None: see run_modes
     repeats: int = 2
     recompute_steps: int = 32
     device: str = "cpu"
@@ -85,7 +87,10 @@ class ThroughputSettings:
             if "graphs" in self.modes and not cuda:
                 raise CalofmError("bench generate: mode 'graphs' needs a CUDA device")
             return self.modes
-        return ("recompute", "eager", "graphs") if cuda else ("recompute", "eager", "packed")
+        if cuda:
+            return ("recompute", "eager", "graphs")
+        cpu = ("recompute", "eager", "packed")
+        return cpu + ("compile",) if shutil.which("c++") or shutil.which("g++") else cpu
 
 
 def engine_of(mode: str, device: str) -> EngineConfig:
@@ -160,6 +165,8 @@ def measure_fixed(
 
             if torch.device(dev).type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
+            if mode == "compile":  # a fresh start: past the recompile limit steps run eagerly
+                torch._dynamo.reset()
             seconds = _timed(run, s.repeats, dev)
             model.setup_cache(b, steps)
             kv = model.cache_bytes() // b if mode != "recompute" else 0

@@ -103,8 +103,25 @@ class RoutedLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor, routing: Routing | None = None) -> torch.Tensor:
         if self.packed is not None and not torch.is_grad_enabled():
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+            return packed_linear(x, self.packed, self.bias, self.out_features)
         return F.linear(x, self.weight, self.bias)
+
+
+@torch.library.custom_op("calofm::packed_linear", mutates_args=())
+def packed_linear(
+    x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int
+) -> torch.Tensor:
+    """``F.linear`` with a weight in oneDNN's blocked layout. An opaque operator to
+    ``torch.compile``: inductor cannot lower oneDNN's call itself, so a compiled decode step
+    calls it as it is and fuses the rest of the step around it."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+@packed_linear.register_fake
+def _packed_linear_shape(
+    x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int
+) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], out_features)
 
 
 # Layers with at least this many weights are prepacked for decoding on a CPU: the 27k-wide output
