@@ -49,6 +49,15 @@ def test_benchmark_reports_speeds_speedup_experts_and_memory():
     json.dumps(result)
 
 
+def test_bench_model_measures_the_shipped_design_with_its_tokenizer(monkeypatch, capsys):
+    settings = replace(TOY, lengths=(10,), probes=(0, 9), full_run=(1, 10), expert_counts=(2,))
+    monkeypatch.setattr(BenchSettings, "quick", classmethod(lambda cls: settings))
+    assert main(["bench", "model", "--json", "--quick", "--preset", "small"]) == 0
+    model = json.loads(capsys.readouterr().out)["model"]
+    assert model["preset"] == "small" and model["voxel_head"] == "factorised"
+    assert model["energy_vocab"] < 2 * 1024 + 10  # 1024 log bins (relative: twice), specials
+
+
 def test_bench_model_json_prints_one_object(monkeypatch, capsys):
     settings = replace(
         TOY, lengths=(10, 1000), probes=(0, 500, 999), full_run=(1, 20), expert_counts=(2, 12)

@@ -6,8 +6,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 
 from calofm.cli._args import non_negative_int, positive_float, positive_int
+
+# bench model's presets: the tokenizer each is measured with (see --preset)
+MODEL_PRESETS: dict[str, dict] = {"paper": {}, "small": {"n_bins": 1024, "scheme": "log"}}
 
 HELP = "measure generation speed (calofm bench model, calofm bench generate)"
 
@@ -28,6 +32,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     m.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     m.add_argument("--quick", action="store_true", help="fewer sizes and repeats (< 1 minute)")
+    m.add_argument(
+        "--preset",
+        choices=sorted(MODEL_PRESETS),
+        help=(
+            "model sizes: paper (flat heads, the default tokenizer's energy bins; default) or "
+            "small (the shipped base's design: factorised voxel head, 1024 log energy bins)"
+        ),
+    )
     m.add_argument("--threads", type=positive_int, help="torch threads (default: torch's choice)")
     m.add_argument("--out", metavar="FILE", help="also write the JSON result to FILE")
     m.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
@@ -105,6 +117,8 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     settings = BenchSettings.quick() if args.quick else BenchSettings()
+    if args.preset:
+        settings = replace(settings, preset=args.preset, **MODEL_PRESETS[args.preset])
     log = (lambda _: None) if args.json else (lambda line: print(line, file=sys.stderr))
     result = run_benchmark(settings, log=log)
     text = json.dumps(result, indent=2, sort_keys=True)

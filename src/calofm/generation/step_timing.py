@@ -61,14 +61,14 @@ def median_time(fn: Callable[[], object], repeats: int, warm_up: bool = True) ->
     return statistics.median(times)
 
 
-def bench_model(config_name: str, n_classes: int, n_bins: int | None) -> CaloFM:
-    """A random-weight model that never ends a shower early (EOS logits at -1e9)."""
+def bench_model(
+    config_name: str, n_classes: int, n_bins: int | None, scheme: str | None = None
+) -> CaloFM:
+    """A random-weight model that never ends a shower early (EOS logits at -1e9); ``n_bins`` and
+    ``scheme`` None: the project's default tokenizer's."""
     det = DetectorConfig()
-    tok = (
-        TokenizerConfig.for_detector(det)
-        if n_bins is None
-        else TokenizerConfig.for_detector(det, n_bins=n_bins)
-    )
+    bins = {} if n_bins is None else {"n_bins": n_bins}
+    tok = TokenizerConfig.for_detector(det, **bins, **({"scheme": scheme} if scheme else {}))
     classes = [f"G4_M{i}:gamma" for i in range(n_classes)]
     with seeded_init(0):
         model = CaloFM(preset(config_name), tok, det, classes).eval()

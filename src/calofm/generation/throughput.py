@@ -364,7 +364,12 @@ def format_throughput(result: dict) -> str:
     g = result["geant4"]
     lines.append("")
     if g is None:
-        lines.append("Geant4: not measured (geant4-pybind missing and no --geant4-rate)")
+        why = (
+            "--geant4-showers 0"
+            if result["settings"]["geant4_showers"] == 0
+            else "no geant4-pybind"
+        )
+        lines.append(f"Geant4: not measured ({why} and no --geant4-rate)")
     else:
         best = result["best"]
         lines.append(
