@@ -134,9 +134,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         choices=("eager", "compile", "graphs"),
         default="eager",
         help=(
-            "how decode steps run (the same showers): eager (default), compile (torch.compile; "
-            "about 1.2x faster on a CPU after half a minute of compiling; needs a C++ compiler) "
-            "or graphs (CUDA graph replay, CUDA only)"
+            "how decode steps run (the same showers): eager (default), compile (torch.compile, "
+            "after a minute of compiling; on a CPU it needs a C++ compiler and was 1.1-1.3x "
+            "faster for paper-size heads but 0.6-0.7x for small-w-ta: measure with calofm bench "
+            "generate) or graphs (CUDA graph replay, CUDA only)"
         ),
     )
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
