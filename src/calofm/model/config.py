@@ -82,8 +82,8 @@ class ModelConfig(FromDict):
     full_rings: bool = False
     # Every position also sees which way the shower so far leans: its energy-weighted transverse
     # centre, from the beam axis. A Geant4 shower's centre wanders from shower to shower more
-    # than a generated one's (needs shower_state). On the small design the training loss did not
-    # move over 1,500 steps (within 0.02 nats), so it stays off.
+    # than a generated one's (needs shower_state). On the small design, after 3,600 steps, the
+    # generated centre's spread did not widen and the classifier AUC rose, so it stays off.
     transverse_state: bool = False
 
     def __post_init__(self) -> None:
