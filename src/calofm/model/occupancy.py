@@ -131,8 +131,7 @@ class OccupancyFeatures(nn.Module):
         and layers with. The mask is read, never copied whole: at every decode step a float copy
         of it cost more than the three attention blocks of the small preset."""
         grid = used.unflatten(-1, (self.n_layers, self.nx, self.ny))
-        # a sum over a boolean's last axis is 2x slower on a CPU than a byte copy and a matmul
-        per_row = (grid.view(torch.uint8).to(dtype) @ self.ones_y.to(dtype))[..., 0]
+        per_row = row_counts(grid, self.ones_y.to(dtype))
         per_layer = torch.log1p(per_row.sum(-1))
         if self.rings:
             inner = grid.flatten(-2)[..., self.ring_cells].to(dtype)  # (..., L, ring cells)
@@ -163,3 +162,17 @@ class OccupancyFeatures(nn.Module):
             e = energy.to(full.dtype)[..., None]
             full = torch.cat([full, e, e * full[..., :1]], dim=-1)
         return torch.cat([per_layer, full.flatten(-2)], dim=-1)
+
+
+@torch.library.custom_op("calofm::row_counts", mutates_args=())
+def row_counts(grid: torch.Tensor, ones: torch.Tensor) -> torch.Tensor:
+    """Hits per row (..., L, X) of a boolean grid (..., L, X, Y), in ``ones.dtype`` (``ones``:
+    (Y, 1)). A byte view, a float copy and a matmul: 2x faster on a CPU than a boolean sum. An
+    opaque operator to ``torch.compile``, whose code for the byte view of a boolean ran 30x slower
+    than this (16 against 0.5 ms per decode step at batch 64)."""
+    return (grid.view(torch.uint8).to(ones.dtype) @ ones)[..., 0]
+
+
+@row_counts.register_fake
+def _row_counts_shape(grid: torch.Tensor, ones: torch.Tensor) -> torch.Tensor:
+    return grid.new_empty(grid.shape[:-1], dtype=ones.dtype)
