@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -28,21 +27,11 @@ import torch
 
 from calofm.files import atomic_output
 from calofm.generation.decoder import EngineConfig, StaticDecoder
-from calofm.generation.step_timing import StepRunner, bench_model
+from calofm.generation.step_timing import StepRunner, bench_model, median_time
 
 PROBES = (0, 250, 500, 750, 999)
 LENGTH = 1000
 TOKENIZERS = {"paper": (None, None), "small": (1024, "log")}  # (bins, scheme): bench model's
-
-
-def median_cpu(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.process_time()
-        fn()
-        times.append(time.process_time() - t)
-    return float(np.median(times))
 
 
 def shower_seconds(per_step: list[float]) -> float:
@@ -68,7 +57,7 @@ def cached_steps(model, runner: StepRunner, engine: str, repeats: int) -> list[f
                     dec._run(p + 2)
                 bool(dec.done.all())  # the host's look
 
-            out.append(median_cpu(step, repeats))
+            out.append(median_time(step, repeats))
     return out
 
 
@@ -77,7 +66,7 @@ def recomputed_steps(model, runner: StepRunner, engine: str, repeats: int) -> li
     if engine == "compile":
         model.hidden_states = torch.compile(plain, dynamic=True)
     try:
-        return [median_cpu(runner.recompute(p), repeats) for p in PROBES]
+        return [median_time(runner.recompute(p), repeats) for p in PROBES]
     finally:
         model.hidden_states = plain
 
