@@ -9,9 +9,7 @@ import sys
 from dataclasses import replace
 
 from calofm.cli._args import non_negative_int, positive_float, positive_int
-
-# bench model's presets: the tokenizer each is measured with (see --preset)
-MODEL_PRESETS: dict[str, dict] = {"paper": {}, "small": {"n_bins": 1024, "scheme": "log"}}
+from calofm.generation.bench_presets import PRESET_TOKENIZERS
 
 HELP = "measure generation speed (calofm bench model, calofm bench generate)"
 
@@ -34,10 +32,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     m.add_argument("--quick", action="store_true", help="fewer sizes and repeats (< 1 minute)")
     m.add_argument(
         "--preset",
-        choices=sorted(MODEL_PRESETS),
+        choices=sorted(PRESET_TOKENIZERS),
         help=(
-            "model sizes: paper (flat heads, the default tokenizer's energy bins; default) or "
-            "small (the shipped base's design: factorised voxel head, 1024 log energy bins)"
+            "model sizes: paper (flat heads, 25,000 linear energy bins as in the paper; default), "
+            "small (the shipped base's design: factorised voxel head, 1024 log energy bins) or "
+            "tiny (for tests)"
         ),
     )
     m.add_argument("--threads", type=positive_int, help="torch threads (default: torch's choice)")
@@ -61,7 +60,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument(
         "--preset",
         action="append",
-        choices=("paper", "small", "tiny"),
+        choices=sorted(PRESET_TOKENIZERS),
         help="model sizes (repeatable; default paper and small)",
     )
     g.add_argument(
@@ -118,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     settings = BenchSettings.quick() if args.quick else BenchSettings()
     if args.preset:
-        settings = replace(settings, preset=args.preset, **MODEL_PRESETS[args.preset])
+        settings = replace(settings, preset=args.preset)
     log = (lambda _: None) if args.json else (lambda line: print(line, file=sys.stderr))
     result = run_benchmark(settings, log=log)
     text = json.dumps(result, indent=2, sort_keys=True)

@@ -36,10 +36,10 @@ from calofm.generation.sampler import SamplingConfig
 from calofm.generation.step_timing import (
     StepRunner,
     StepTimes,
-    bench_model,
     clock,
     fixed_length,
     median_time,
+    random_model,
 )
 from calofm.model.experts import prepacked
 
@@ -56,8 +56,7 @@ class BenchSettings:
     expert_rounds: int = 15
     full_run: tuple[int, int] = (16, 1000)  # (batch, length) decoded end to end
     reference_batch: int = 16  # batch of the headline KV speed-up
-    n_bins: int | None = None  # energy bins; None: the project's default tokenizer
-    scheme: str | None = None  # energy binning; None: the default tokenizer's
+    n_bins: int | None = None  # energy bins; None: the preset's (step_timing.PRESET_TOKENIZERS)
 
     @classmethod
     def quick(cls) -> BenchSettings:
@@ -79,7 +78,7 @@ def run_benchmark(settings: BenchSettings, log: Callable[[str], None] = lambda _
     """Run every measurement; returns the JSON-ready result (see ``format_table``)."""
     s = settings
     max_len = max(max(s.lengths), max(s.probes) + 1)
-    model = bench_model(s.preset, s.expert_counts[0], s.n_bins, s.scheme)
+    model = random_model(s.preset, s.expert_counts[0], s.n_bins)
     tok = model.tokenizer
     result: dict = {
         "calofm_version": __version__,
@@ -203,7 +202,7 @@ def _bench_experts(s: BenchSettings, max_len: int, log: Callable[[str], None]) -
     b, prefix = s.expert_batch, (max(s.probes) + 1) // 2
     runners = {}
     for n in s.expert_counts:
-        model = bench_model(s.preset, n, s.n_bins, s.scheme)
+        model = random_model(s.preset, n, s.n_bins)
         runners[n] = {
             "one": StepRunner(model, b, max_len),
             "mix": StepRunner(model, b, max_len, torch.arange(b) % n),

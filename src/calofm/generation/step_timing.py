@@ -8,12 +8,14 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 
 from calofm.detector import DetectorConfig
+from calofm.errors import CalofmError
+from calofm.generation.bench_presets import BENCH_CLASS, PRESET_TOKENIZERS
 from calofm.generation.decoder import N_UNIFORMS, EngineConfig, StaticDecoder
 from calofm.generation.sampler import SamplingConfig
 from calofm.model.conditions import Conditions
@@ -61,17 +63,19 @@ def median_time(fn: Callable[[], object], repeats: int, warm_up: bool = True) ->
     return statistics.median(times)
 
 
-def bench_model(
-    config_name: str, n_classes: int, n_bins: int | None, scheme: str | None = None
-) -> CaloFM:
-    """A random-weight model that never ends a shower early (EOS logits at -1e9); ``n_bins`` and
-    ``scheme`` None: the project's default tokenizer's."""
+def random_model(preset_name: str, n_classes: int = 1, n_bins: int | None = None) -> CaloFM:
+    """A random-weight model of a benchmark preset whose showers never end early (EOS logits at
+    -1e9), with the preset's tokenizer (``n_bins`` given: that many bins instead)."""
+    if preset_name not in PRESET_TOKENIZERS:
+        raise CalofmError(
+            f"bench: no preset {preset_name!r}; choose one of {sorted(PRESET_TOKENIZERS)}"
+        )
     det = DetectorConfig()
-    bins = {} if n_bins is None else {"n_bins": n_bins}
-    tok = TokenizerConfig.for_detector(det, **bins, **({"scheme": scheme} if scheme else {}))
-    classes = [f"G4_M{i}:gamma" for i in range(n_classes)]
+    kwargs = {**PRESET_TOKENIZERS[preset_name], **({} if n_bins is None else {"n_bins": n_bins})}
+    tok = TokenizerConfig.for_detector(det, **kwargs)
+    classes = [BENCH_CLASS] + [f"G4_M{i}:gamma" for i in range(1, n_classes)]
     with seeded_init(0):
-        model = CaloFM(preset(config_name), tok, det, classes).eval()
+        model = CaloFM(preset(preset_name), tok, det, classes).eval()
     model.spatial_head.never_end()
     with torch.no_grad():
         model.energy_head.bias[model.energy_output(tok.energy_eos)] = -1e9
@@ -93,7 +97,12 @@ class StepRunner:
     """One decode step of a batch at a given prefix length, with or without the KV cache."""
 
     def __init__(
-        self, model: CaloFM, batch: int, max_len: int, class_id: torch.Tensor | None = None
+        self,
+        model: CaloFM,
+        batch: int,
+        max_len: int,
+        class_id: torch.Tensor | None = None,
+        engine: str = "eager",
     ):
         tok = model.tokenizer
         self.model, self.batch = model, batch
@@ -113,6 +122,8 @@ class StepRunner:
         self.layer_mev = torch.zeros(batch, n_layers) if model.config.layer_energy else None
         self.sampling = SamplingConfig()
         self.max_len = max_len
+        # the engine as generation runs it on a CPU; packing the heads is the caller's choice
+        self.engine = replace(EngineConfig.for_device(engine, "cpu"), prepack=False)
 
     def sample(self, h: torch.Tensor, prefix: int) -> None:
         """Both tokens from the last block's output ``h`` (B, 1, d), and the stop check."""
@@ -138,12 +149,13 @@ class StepRunner:
             )
 
     def kv(self, prefix: int) -> Callable[[], None]:
-        """The static decode step (``calofm.generation.decoder``, eager) that feeds token
-        ``prefix`` against a cache holding the conditions and tokens 0..prefix-1."""
+        """The static decode step (``calofm.generation.decoder``, run by the runner's engine)
+        that feeds token ``prefix`` against a cache holding the conditions and tokens
+        0..prefix-1."""
         cache = self.model.blocks[0].attn.kv_cache
         if self.decoder is None or cache is not self.decoder_cache:
             self.decoder = StaticDecoder(
-                self.model, self.class_id, self.sampling, self.max_len, EngineConfig(prepack=False)
+                self.model, self.class_id, self.sampling, self.max_len, self.engine
             )
             self.decoder.__enter__()  # the model's cache; cleared by the next clear_cache
             self.decoder_cache = self.model.blocks[0].attn.kv_cache
@@ -155,7 +167,7 @@ class StepRunner:
             dec.pos.fill_(prefix + 1)
             dec.done.fill_(False)
             with torch.no_grad():
-                dec._step(prefix + 2)
+                dec._run(prefix + 2)
             bool(dec.done.all())  # the host's look (every step here, every few in decode)
 
         return step

@@ -42,18 +42,13 @@ import torch
 from calofm import __version__
 from calofm.detector import DetectorConfig
 from calofm.errors import CalofmError
+from calofm.generation.bench_presets import BENCH_CLASS, PRESET_TOKENIZERS
 from calofm.generation.decoder import N_UNIFORMS, EngineConfig
 from calofm.generation.engine import decode, generate
 from calofm.generation.sampler import SamplingConfig
-from calofm.generation.step_timing import clock, fixed_length
-from calofm.model.config import preset
-from calofm.model.seeding import seeded_init
-from calofm.model.transformer import CaloFM
-from calofm.tokens import TokenizerConfig
+from calofm.generation.step_timing import clock, fixed_length, random_model
 
 MODES = ("recompute", "eager", "packed", "compile", "graphs")
-PRESET_BINS = {"paper": ("linear", 25_000), "small": ("log", 1024), "tiny": ("log", 64)}
-CLASS = "G4_W:gamma"
 
 
 @dataclass(frozen=True)
@@ -73,8 +68,10 @@ class ThroughputSettings:
 
     def __post_init__(self) -> None:
         for name in self.presets:
-            if name not in PRESET_BINS:
-                raise CalofmError(f"bench generate: no preset {name!r}; choose {list(PRESET_BINS)}")
+            if name not in PRESET_TOKENIZERS:
+                raise CalofmError(
+                    f"bench generate: no preset {name!r}; choose {list(PRESET_TOKENIZERS)}"
+                )
         for mode in self.modes or ():
             if mode not in MODES:
                 raise CalofmError(f"bench generate: unknown mode {mode!r}; choose {MODES}")
@@ -99,19 +96,6 @@ def engine_of(mode: str, device: str) -> EngineConfig:
     if mode == "packed":
         return EngineConfig()
     return EngineConfig.for_device(mode, device)
-
-
-def random_model(preset_name: str, device: str) -> CaloFM:
-    """A random-weight model of the preset whose showers never end (EOS logits at -1e9)."""
-    det = DetectorConfig()
-    scheme, n_bins = PRESET_BINS[preset_name]
-    tok = TokenizerConfig.for_detector(det, scheme=scheme, n_bins=n_bins, max_mev=35.0)
-    with seeded_init(0):
-        model = CaloFM(preset(preset_name), tok, det, [CLASS]).eval()
-    model.spatial_head.never_end()
-    with torch.no_grad():
-        model.energy_head.bias[model.energy_output(tok.energy_eos)] = -1e9
-    return model.to(device)
 
 
 def _sync(device: str) -> None:
@@ -145,7 +129,7 @@ def measure_fixed(
 ) -> dict:
     """Every mode and batch of one preset at a fixed number of steps."""
     s, dev = settings, settings.device
-    model = random_model(preset_name, dev)
+    model = random_model(preset_name).to(dev)
     out: dict = {"parameters": model.n_parameters(), "modes": {}}
     for mode in s.run_modes():
         steps = min(s.steps, s.recompute_steps) if mode == "recompute" else s.steps
@@ -194,7 +178,7 @@ def measure_continuous(settings: ThroughputSettings, log: Callable[[str], None])
 
     s = settings
     model = load_model(resolve_model(s.model), device=s.device).eval()
-    cls = CLASS if CLASS in model.classes else model.classes[0]
+    cls = BENCH_CLASS if BENCH_CLASS in model.classes else model.classes[0]
     energies = np.random.default_rng(0).uniform(*s.energy_range, s.n_showers)
     mode = "graphs" if torch.device(s.device).type == "cuda" else "packed"
     out: dict = {"model": s.model, "class": cls, "mode": mode, "batches": {}}
@@ -260,7 +244,7 @@ def measure_geant4(settings: ThroughputSettings) -> dict | None:
         from calofm.simulation.runner import init_worker
 
         energies = np.random.default_rng(1).uniform(*s.energy_range, s.geant4_showers).tolist()
-        material, particle = CLASS.split(":")
+        material, particle = BENCH_CLASS.split(":")
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(1, mp_context=context, initializer=init_worker) as pool:
             per_shower = pool.submit(_geant4_worker, material, particle, energies, 1).result()
