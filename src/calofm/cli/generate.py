@@ -15,17 +15,21 @@ import argparse
 import hashlib
 import json
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from calofm.cli._args import (
     DEVICE_HELP,
     add_energy_options,
     energy_bounds,
-    non_negative_int,
     positive_int,
+    random_seed,
+    shower_count,
 )
 
 if TYPE_CHECKING:
+    from calofm.data.writers import ShowerWriter
     from calofm.generation.sampler import SamplingConfig
     from calofm.training.distributed import DistEnv
 
@@ -85,9 +89,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--material", required=True, help="absorber material, e.g. G4_W (or W)")
     p.add_argument("--particle", required=True, help="particle, e.g. gamma or e-")
-    p.add_argument("-n", type=positive_int, required=True, help="number of showers")
+    p.add_argument("-n", type=shower_count, required=True, help="number of showers")
     add_energy_options(p)
-    p.add_argument("--seed", type=non_negative_int, default=0, help="random seed >= 0 (default 0)")
+    p.add_argument("--seed", type=random_seed, default=0, help="random seed >= 0 (default 0)")
     p.add_argument("--out", required=True, metavar="FILE", help="output showerdata HDF5 file")
     p.add_argument(
         "--overwrite",
@@ -139,6 +143,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "compiler) or graphs (CUDA graph replay, CUDA only)"
         ),
     )
+    p.add_argument(
+        "--precision",
+        choices=("fp32", "bf16", "fp16"),
+        default="fp32",
+        help=(
+            "type of the decode step's matrix products (RoPE, attention scores and sampling stay "
+            "fp32): fp32 (default); bf16 and fp16 pay only on a GPU, and change the showers a "
+            "little (docs/results.md measures how much)"
+        ),
+    )
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.set_defaults(func=run)
 
@@ -171,6 +185,18 @@ def run(args: argparse.Namespace) -> int:
         return _run(args, cls, env, lo, hi, sampling)
     finally:
         distributed.teardown(env)
+
+
+@contextmanager
+def _drop_if_empty(writer: ShowerWriter | None) -> Iterator[None]:
+    """Remove the writer's partial file when the run fails before it holds a shower: there is
+    nothing to resume, and a rerun with corrected arguments must not find a foreign partial."""
+    try:
+        yield
+    except BaseException:
+        if writer is not None and writer.n_written == 0:
+            writer.partial.unlink(missing_ok=True)
+        raise
 
 
 def _share(env: DistEnv, value: object) -> object:
@@ -211,12 +237,17 @@ def _run(
     from calofm.data.writers import ShowerWriter, file_metadata
     from calofm.errors import CalofmError
     from calofm.files import partial_path
-    from calofm.generation.decoder import EngineConfig, auto_batch_size, bytes_per_shower
+    from calofm.generation.decoder import (
+        EngineConfig,
+        auto_batch_size,
+        bytes_per_shower,
+        free_memory,
+    )
     from calofm.generation.engine import INCIDENT, generate, seeded_rng
     from calofm.model.config import parse_class
     from calofm.pretrained import resolve_model
 
-    engine = EngineConfig.for_device(args.engine, env.device)
+    engine = EngineConfig.for_device(args.engine, env.device, args.precision)
     model = load_generator_model(args, env.device)
     material = parse_class(cls)[0]
     model.class_index(cls)
@@ -230,6 +261,14 @@ def _run(
                 f"calofm generate: batch size {args.batch_size} "
                 f"({bytes_per_shower(model, max_hits) / 2**20:.1f} MiB per shower)"
             )
+    slots = min(args.batch_size, args.n)
+    need, free = slots * bytes_per_shower(model, max_hits), free_memory(env.device)
+    if need > free:  # refused before any file is made, not by the allocator a minute in
+        raise CalofmError(
+            f"{slots} showers of up to {max_hits} hits at once need {need / 2**30:.1f} GiB, more "
+            f"than the {free / 2**30:.1f} GiB free on {env.device}; lower --batch-size (or use "
+            "--batch-size auto) or --max-hits"
+        )
     if env.is_main and (lo < tok.incident_min_gev or hi > tok.incident_max_gev):
         asked = f"{lo:g} GeV" if lo == hi else f"{lo:g} to {hi:g} GeV"
         print(
@@ -248,6 +287,7 @@ def _run(
         "class": cls,
         "sampling": sampling.to_dict(),
         "max_hits": max_hits,
+        "precision": args.precision,
         "seed": args.seed,
         "energy_range_gev": [lo, hi],
     }
@@ -282,7 +322,7 @@ def _run(
     chunk = CHUNK_BATCHES * args.batch_size  # showers per generate call: slots get refilled
     per_round = chunk * env.world_size
     bar = tqdm(total=args.n, initial=start, unit="shower", desc="generate", disable=not env.is_main)
-    with bar:
+    with _drop_if_empty(writer if env.is_main else None), bar:
         for first in range(start, args.n, per_round):
             mine = first + env.rank * chunk
             last = min(mine + chunk, args.n)

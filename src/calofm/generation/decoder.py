@@ -11,6 +11,11 @@ so one step can be
 - captured once per attention window and replayed (``engine="graphs"``, CUDA only),
 - compiled (``engine="compile"``, ``torch.compile``).
 
+``precision`` "bf16" or "fp16" runs the model's matrix products of a step under autocast in that
+type; RoPE, the attention scores and their softmax, the KV cache and the sampling stay in fp32
+(``calofm.model.attention``). Whether a reduced precision distorts showers is measured on the
+evaluation metrics (docs/results.md) before anyone relies on it; fp32 is the default.
+
 The host looks at the slots only every ``check_every`` steps: finished slots are read out and,
 with continuous batching, loaded with the next showers while the others go on. A finished slot
 stops advancing, so the steps it runs until the next check change nothing. Rows draw their
@@ -26,6 +31,7 @@ length.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,6 +46,7 @@ from calofm.model.experts import prepacked
 from calofm.model.transformer import CaloFM
 
 ENGINES = ("eager", "compile", "graphs")
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # Uniforms per row and decode step: layer, x, y (a flat voxel head uses the first) and energy.
 N_UNIFORMS = 4
@@ -52,16 +59,23 @@ class EngineConfig:
     engine: str = "eager"
     check_every: int = 8  # steps between two looks of the host at the slots
     window_step: int = 1  # attention window rounded up to a multiple of this
-    prepack: bool = True  # oneDNN-packed weights of the large heads on a CPU
+    prepack: bool = True  # oneDNN-packed weights of the large heads on a CPU (fp32 only)
+    precision: str = "fp32"  # the matrix products' type (see the module's docstring)
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:
             raise CalofmError(f"unknown decode engine {self.engine!r}; choose one of {ENGINES}")
+        if self.precision not in PRECISIONS:
+            raise CalofmError(
+                f"unknown decode precision {self.precision!r}; choose one of {list(PRECISIONS)}"
+            )
         if self.check_every <= 0 or self.window_step <= 0:
             raise CalofmError("decode engine: check_every and window_step must be positive")
 
     @classmethod
-    def for_device(cls, engine: str, device: torch.device | str) -> EngineConfig:
+    def for_device(
+        cls, engine: str, device: torch.device | str, precision: str = "fp32"
+    ) -> EngineConfig:
         """The engine's settings: graphs need CUDA and use windows of 64 (one graph each), as
         compiled steps on CUDA do; a compiled step on a CPU covers exact windows (its window turns
         symbolic: one compilation serves every length; 1.24x eager there, windows of 64 1.15x)."""
@@ -69,7 +83,7 @@ class EngineConfig:
         if engine == "graphs" and not cuda:
             raise CalofmError("decode engine 'graphs' needs a CUDA device")
         exact = engine == "eager" or (engine == "compile" and not cuda)
-        return cls(engine=engine, window_step=1 if exact else 64)
+        return cls(engine=engine, window_step=1 if exact else 64, precision=precision)
 
 
 @dataclass
@@ -145,7 +159,7 @@ class StaticDecoder:
         # One position to spare, so that no window covers the whole cache: a slice of all of it
         # is contiguous, and a compiled step would be compiled again for that one case.
         self.model.setup_cache(self.n_slots, self.max_hits + 2, device=self.device)
-        if self.config.prepack:
+        if self.config.prepack and self.config.precision == "fp32":
             self._pack = prepacked(self.model, self.n_slots)
             self._pack.__enter__()
         return self
@@ -194,29 +208,38 @@ class StaticDecoder:
         frac = hit.clamp(max=self.max_hits).to(torch.float32) / max(self.max_hits, 1)
         return (lo + (hi - lo) * frac)[:, None]
 
+    def _precision(self) -> contextlib.AbstractContextManager:
+        dtype = PRECISIONS[self.config.precision]
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=dtype)
+
     def _step(self, window: int) -> None:
         """One step of every slot; reads and writes only the decoder's buffers."""
         model, tok, s = self.model, self.model.tokenizer, self.sampling
         pos = self.pos
         rope = (self.cos[pos][:, None, None, :], self.sin[pos][:, None, None, :])
         mask = (self.keys[:window] <= pos[:, None])[:, None, None, :]
-        h = model.decode_step(self.spatial, self.energy, pos, self.cond, self.routing, rope, mask)
         hit = (pos - 1).clamp(min=0)  # the hit this step draws, counted from 0
         u = None if self.uniforms is None else self.uniforms[self.rows, hit]
         at_end = self.n_hits >= self.cond.n_hits if self.totals else None
-        sp, en = model.next_tokens(
-            h,
-            self.routing,
-            u,
-            self.used,
-            self.energy,
-            self._temperature(hit),
-            s.top_k,
-            s.top_p,
-            at_end,
-            model.energy_shift(self.cond),
-            self.layer_mev,
-        )
+        with self._precision():
+            h = model.decode_step(
+                self.spatial, self.energy, pos, self.cond, self.routing, rope, mask
+            )
+            sp, en = model.next_tokens(
+                h,
+                self.routing,
+                u,
+                self.used,
+                self.energy,
+                self._temperature(hit),
+                s.top_k,
+                s.top_p,
+                at_end,
+                model.energy_shift(self.cond),
+                self.layer_mev,
+            )
         if at_end is not None:
             sp = torch.where(at_end, tok.spatial_eos, sp)
         live = (pos > 0) & ~self.done

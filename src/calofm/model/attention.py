@@ -35,13 +35,24 @@ class RotaryEmbedding(nn.Module):
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the first 2*cos.shape[-1] dimensions of x (B, H, L, Dh) in pairs (i, i + half)."""
+    """Rotate the first 2*cos.shape[-1] dimensions of x (B, H, L, Dh) in pairs (i, i + half);
+    in fp32 (an fp32 result) whatever x's type: rotations in bf16 drift on long sequences."""
+    x = x.float()
     half = cos.shape[-1]
     if half == 0:
         return x
     x1, x2, rest = x[..., :half], x[..., half : 2 * half], x[..., 2 * half :]
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    cos, sin = cos.float(), sin.float()
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], dim=-1)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs: object) -> torch.Tensor:
+    """``scaled_dot_product_attention`` with the scores and their softmax in fp32, also under a
+    reduced-precision autocast (which would run them in bf16 or fp16); fp32 out."""
+    if not torch.is_autocast_enabled(q.device.type):
+        return F.scaled_dot_product_attention(q, k, v, **kwargs)
+    with torch.autocast(q.device.type, enabled=False):
+        return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), **kwargs)
 
 
 class Attention(nn.Module):
@@ -83,14 +94,14 @@ class Attention(nn.Module):
             k, v = self.kv_cache.update(cache_pos, k, v)
             start = cache_pos
         if start == 0:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            y = attend(q, k, v, is_causal=True)
         elif t == 1:  # one new position attends over everything written so far
-            y = F.scaled_dot_product_attention(q, k, v)
+            y = attend(q, k, v)
         else:
             keys = torch.arange(start + t, device=q.device)
             queries = torch.arange(start, start + t, device=q.device)
             mask = keys[None, :] <= queries[:, None]
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            y = attend(q, k, v, attn_mask=mask)
         return self.wo(y.transpose(1, 2).reshape(b, t, d), routing)
 
     def step(
@@ -114,5 +125,5 @@ class Attention(nn.Module):
         v = self._heads(self.wv(x_kv, routing))
         assert self.kv_cache is not None, "call setup_cache before decoding with a cache"
         keys, values = self.kv_cache.write_rows(pos, k, v, mask.shape[-1])
-        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        y = attend(q, keys, values, attn_mask=mask)
         return self.wo(y.transpose(1, 2).reshape(b, 1, d), routing)

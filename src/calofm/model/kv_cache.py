@@ -65,7 +65,8 @@ class KVCache(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write ``k, v`` (B, H, 1, Dh) of row i at position ``pos[i]``; return the first
         ``window`` positions (B, H, window, Dh). No host synchronisation: ``pos`` is not checked,
-        the decoder keeps every row below ``max_len``."""
-        self.k[self.rows, :, pos] = k[:, :, 0]
-        self.v[self.rows, :, pos] = v[:, :, 0]
+        the decoder keeps every row below ``max_len``. Values of another type (a reduced-precision
+        step's) are stored in the cache's."""
+        self.k[self.rows, :, pos] = k[:, :, 0].to(self.k.dtype)
+        self.v[self.rows, :, pos] = v[:, :, 0].to(self.v.dtype)
         return self.k[:, :, :window], self.v[:, :, :window]
