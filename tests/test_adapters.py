@@ -170,7 +170,9 @@ def test_mixed_batch_rows_equal_each_row_alone():
         for i in range(len(classes)):
             alone = model(s[i : i + 1], e[i : i + 1], inc[i : i + 1], ids[i : i + 1])
             for m, a in zip(mixed, alone, strict=True):
-                torch.testing.assert_close(m[i : i + 1], a, rtol=1e-5, atol=1e-5)
+                # batched and single-row matrix products round differently (1.6e-5 seen on
+                # this CPU); a row routed to another class's modules is off by far more
+                torch.testing.assert_close(m[i : i + 1], a, rtol=1e-4, atol=1e-4)
 
 
 def test_adding_a_second_particle_leaves_the_first_untouched():

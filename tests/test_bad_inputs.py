@@ -28,6 +28,7 @@ from calofm.cli import main
 from calofm.data.formats import write_showers
 from calofm.data.writers import ShowerWriter
 from calofm.detector import DetectorConfig
+from calofm.errors import CalofmError
 from calofm.model import save_model
 
 TQDM_LINE = re.compile(r"\d+%\||\d+/\d+ \[|\r")
@@ -79,6 +80,29 @@ def inputs(tmp_path_factory) -> Path:
         f.create_dataset("energies", shape=(0, 1), dtype=np.float32)
         f.create_dataset("num_points", shape=(0,), dtype=np.int32)
     (d / "detector.json").write_text("{ not a detector")
+    _damaged_copy(d / "w.h5", d / "metadata_not_an_object.h5", "calofm", "[1, 2]")
+    _damaged_copy(d / "w.h5", d / "detector_not_an_object.h5", "calofm", '{"detector": [1, 2]}')
+    _damaged_copy(d / "w.h5", d / "num_points_beyond_points.h5", "num_points", 1000)
+    _damaged_copy(d / "w.h5", d / "energies_of_other_showers.h5", "energies_count", None)
+    _damaged_copy(d / "w.h5", d / "no_directions.h5", "drop", "directions")
+    with h5py.File(d / "gh_text_energy.h5", "w") as f:
+        g = f.create_group("30x30")
+        g.create_dataset("layers", data=dense)
+        g.create_dataset("energy", data=np.array([[b"50"]] * 3))
+    (d / "damaged_gh.h5").write_bytes((d / "w_gh.h5").read_bytes())
+    with h5py.File(d / "damaged_gh.h5", "r") as f:  # a compressed chunk of showers, header intact
+        chunk = f["30x30"]["layers"].id.get_chunk_info(0)
+    with open(d / "damaged_gh.h5", "r+b") as f:
+        f.seek(chunk.byte_offset)
+        f.write(b"\xff" * chunk.size)
+    adapter = {"format": "calofm-adapter", "format_version": 1}
+    adapter |= {"config": {"class_name": "G4_Pb:gamma"}, "adapter_sha256": "0" * 64}
+    for name, edit in [
+        ("adapter_hash_not_a_string", {"base_weights_sha256": 5, "stacked_on": []}),
+        ("adapter_bad_stacked_on", {"base_weights_sha256": "0" * 64, "stacked_on": ["x"]}),
+    ]:
+        (d / name).mkdir()
+        (d / name / "adapter.json").write_text(json.dumps(adapter | edit))
 
     torch.manual_seed(0)
     save_model(tiny_model(), d / "model", {"test": True})
@@ -102,6 +126,16 @@ def _damaged_copy(source: Path, target: Path, what: str, value: object) -> None:
             row = f["showers"][2].copy()
             row[3::4] = value  # every point's energy (x, y, z, E)
             f["showers"][2] = row
+        elif what == "num_points":
+            counts = f["num_points"][:]
+            counts[1] += value
+            f["num_points"][:] = counts
+        elif what == "energies_count":
+            energies = f["energies"][:]
+            del f["energies"]
+            f.create_dataset("energies", data=np.concatenate([energies, energies[:2]]))
+        elif what == "drop":
+            del f[value]
         else:
             f.attrs[what] = value
 
@@ -175,6 +209,8 @@ CASES = [
     Case("simulate-detector-config-is-a-directory", SIM + " --detector {d}/a_directory.h5 --out {t}/x.h5", 2, "cannot read", ("x.h5",)),
     Case("simulate-reversed-energy-range", "simulate -n 2 --energy-range 50 10 --out {t}/x.h5", 2, "LO must not exceed HI", ("x.h5",)),
     Case("simulate-negative-seed", SIM + " --seed -1 --out {t}/x.h5", 2, "must be 0 or more", ("x.h5",)),
+    Case("simulate-seed-beyond-32-bits", SIM + " --seed 4294967296 --out {t}/x.h5", 2, "must be at most 4294967295", ("x.h5",)),
+    Case("simulate-more-showers-than-a-file-holds", "simulate --material G4_W -n 100000000000000000000 --energy 1 --out {t}/x.h5", 2, "showers fit one showerdata file", ("x.h5", "x.h5.partial")),
     Case("simulate-energy-and-range-together", "simulate -n 2 --energy 5 --energy-range 1 2 --out {t}/x.h5", 2, "not allowed with", ("x.h5",)),
     # convert
     Case("convert-missing-input", "convert {d}/nothing.h5 --to getting_high --out {t}/x.h5", 2, "no such file", ("x.h5", "x.h5.partial")),
@@ -192,6 +228,12 @@ CASES = [
     Case("convert-negative-point-energies", "convert {d}/negative_points.h5 --to getting_high --out {t}/x.h5", 2, "point energies contain negative", ("x.h5", "x.h5.partial")),
     Case("convert-malformed-calofm-metadata", "convert {d}/bad_metadata.h5 --to getting_high --out {t}/x.h5", 2, "malformed calofm metadata", ("x.h5",)),
     Case("convert-file-without-showers", "convert {d}/no_showers.h5 --to getting_high --out {t}/x.h5", 2, "holds no showers", ("x.h5", "x.h5.partial")),
+    Case("convert-metadata-not-a-json-object", "convert {d}/metadata_not_an_object.h5 --to getting_high --out {t}/x.h5", 2, "not a JSON object", ("x.h5", "x.h5.partial")),
+    Case("convert-detector-config-not-an-object", "convert {d}/detector_not_an_object.h5 --to getting_high --out {t}/x.h5", 2, "malformed detector config", ("x.h5", "x.h5.partial")),
+    Case("convert-point-counts-beyond-the-points", "convert {d}/num_points_beyond_points.h5 --to getting_high --out {t}/x.h5", 2, "shower 1 has", ("x.h5", "x.h5.partial")),
+    Case("convert-more-energies-than-showers", "convert {d}/energies_of_other_showers.h5 --to getting_high --out {t}/x.h5", 2, "one of each per shower", ("x.h5", "x.h5.partial")),
+    Case("convert-getting-high-energies-as-text", "convert {d}/gh_text_energy.h5 --to showerdata --out {t}/x.h5", 2, "must hold numbers", ("x.h5", "x.h5.partial")),
+    Case("convert-damaged-compressed-showers", "convert {d}/damaged_gh.h5 --to showerdata --out {t}/x.h5", 2, "damaged HDF5 file", ("x.h5", "x.h5.partial")),
     Case("convert-complete-output-exists", "convert {d}/w.h5 --to getting_high --out {t}/x.h5", 2, "add --overwrite", ("x.h5.partial",), _existing("x.h5")),
     Case("convert-output-is-the-input", "convert {d}/w.h5 --to showerdata --overwrite --out {d}/w.h5", 2, "is the input file", ("{d}/w.h5.partial",)),
     Case("convert-partial-of-other-arguments", "convert {d}/w.h5 --to showerdata --out {t}/x.h5", 2, "other arguments", ("x.h5",), _foreign_partial("x.h5")),
@@ -206,6 +248,9 @@ CASES = [
     Case("generate-complete-output-exists", GEN + " --out {t}/x.h5", 2, "add --overwrite", ("x.h5.partial",), _existing("x.h5")),
     Case("generate-partial-of-other-arguments", GEN + " --out {t}/x.h5", 2, "other arguments", ("x.h5",), _foreign_partial("x.h5")),
     Case("generate-out-under-a-file", GEN + " --out {t}/notes.txt/x.h5", 2, "is a file, not a directory", (), _existing("notes.txt")),
+    Case("generate-more-showers-than-a-file-holds", GEN.replace("-n 3", "-n 100000000000000000000") + " --out {t}/x.h5", 2, "showers fit one showerdata file", ("x.h5", "x.h5.partial")),
+    Case("generate-seed-beyond-32-bits", GEN + " --seed 4294967296 --out {t}/x.h5", 2, "must be at most 4294967295", ("x.h5", "x.h5.partial")),
+    Case("generate-adapter-manifest-with-malformed-stacked-on", GEN + " --adapter {d}/adapter_bad_stacked_on --out {t}/x.h5", 2, "stacked_on must list", ("x.h5", "x.h5.partial")),
     Case("generate-top-p-above-one", GEN + " --top-p 1.5 --out {t}/x.h5", 2, "argument --top-p", ("x.h5",)),
     Case("generate-temperature-and-dynamic-temperature", GEN + " --temperature 1 --dynamic-temperature 0.9 1.1 --out {t}/x.h5", 2, "not allowed with", ("x.h5",)),
     # evaluate
@@ -215,6 +260,8 @@ CASES = [
     Case("evaluate-names-do-not-match-candidates", EVAL + " --names a b --out {t}/report", 2, "2 names for 1 candidates", ("report",)),
     Case("evaluate-out-is-a-file", EVAL + " --out {t}/report", 2, "is a file", ("report/metrics.json",), _existing("report")),
     Case("evaluate-complete-report-exists", EVAL + " --out {t}/report", 2, "add --overwrite", ("report/metrics.json",), _existing("report/report.html")),
+    Case("evaluate-negative-seed", EVAL + " --seed -1 --out {t}/report", 2, "must be 0 or more", ("report",)),
+    Case("evaluate-seed-beyond-32-bits", EVAL + " --seed 4294967296 --out {t}/report", 2, "must be at most 4294967295", ("report",)),
     Case("evaluate-bad-energy-slice", EVAL + " --slices 20-10 --out {t}/report", 2, "need 0 <= LO < HI", ("report",)),
     Case("evaluate-description-of-an-unknown-sample", EVAL + " --describe gen=generated --out {t}/report", 2, "no candidate of that name", ("report",)),
     # show
@@ -236,6 +283,8 @@ CASES = [
     Case("train-resume-and-overwrite-together", "train --data G4_W:gamma={d}/w.h5 --preset tiny --max-steps 1 --resume --overwrite --out {t}/m", 2, "give one of them", ("m",)),
     Case("train-data-of-another-material", "train --data G4_W:gamma={d}/pb.h5 --preset tiny --max-steps 1 --out {t}/m", 2, "G4_Pb", ("m",)),
     Case("train-out-under-a-file", "train --data G4_W:gamma={d}/w.h5 --preset tiny --max-steps 1 --out {t}/notes.txt/m", 2, "is a file, not a directory", (), _existing("notes.txt")),
+    Case("train-seed-beyond-32-bits", "train --data G4_W:gamma={d}/w.h5 --preset tiny --max-steps 1 --seed 4294967296 --out {t}/m", 2, "must be at most 4294967295", ("m",)),
+    Case("train-infinite-learning-rate", "train --data G4_W:gamma={d}/w.h5 --preset tiny --max-steps 1 --lr inf --out {t}/m", 2, "positive and finite", ("m",)),
     Case("train-reversed-incident-range", "train --data G4_W:gamma={d}/w.h5 --preset tiny --max-steps 1 --incident-range 100 10 --out {t}/m", 2, "LO must be below HI", ("m",)),
     # extend, adapt-particle
     Case("extend-missing-data", "extend --material G4_Pb --particle gamma " + STAGE.replace("pb.h5", "nothing.h5"), 2, "no such file", ("adapter",)),
@@ -246,6 +295,7 @@ CASES = [
     # adapters list
     Case("adapters-list-truncated-weights", "adapters list {d}/truncated_model", 2, "unreadable weights", ()),
     Case("adapters-list-missing-model", "adapters list {d}/nothing", 2, "no such model directory", ()),
+    Case("adapters-list-adapter-manifest-with-a-number-for-a-hash", "adapters list {d}/model --adapter {d}/adapter_hash_not_a_string", 2, "base_weights_sha256 is not a hash", ()),
     Case("adapters-list-model-given-as-adapter", "adapters list {d}/model --adapter {d}/truncated_model", 2, "not a calofm adapter", ()),
     # models
     Case("models-json-with-a-value", "models --json=yes", 2, "ignored explicit argument", ()),
@@ -261,12 +311,17 @@ CASES = [
     Case("study-test-file-is-not-hdf5", STUDY + " --test {d}/notes.h5 --sizes 2 --max-steps 1 --out {t}/study", 2, "not a readable HDF5", ("study",)),
     Case("study-more-showers-than-the-data", STUDY + " --test {d}/pb.h5 --sizes 500 --max-steps 1 --out {t}/study", 2, "500", ("study",)),
     Case("study-forgetting-class-the-model-lacks", STUDY + " --test {d}/pb.h5 --sizes 2 --max-steps 1 --forgetting G4_Ta:gamma={d}/w.h5 --out {t}/study", 2, "--forgetting", ("study",)),
+    Case("study-test-file-of-another-class", STUDY + " --test {d}/w.h5 --sizes 2 --max-steps 1 --out {t}/study", 2, "--test", ("study",)),
+    Case("study-data-of-another-class", STUDY.replace("{d}/pb.h5", "{d}/w.h5") + " --test {d}/pb.h5 --sizes 2 --max-steps 1 --out {t}/study", 2, "holds G4_W:gamma showers, not G4_Pb:gamma", ("study",)),
     Case("study-folder-of-other-settings", STUDY + " --test {d}/pb.h5 --sizes 2 --max-steps 1 --out {t}/study", 2, "other settings", ("study/runs/expert_n2_r0", "study/study.json"), _study_dir),
     # merge
     Case("merge-one-file", "merge {d}/w.h5 --out {t}/m.h5", 2, "at least two", ("m.h5",)),
     Case("merge-same-file-twice", "merge {d}/w.h5 {d}/w.h5 --out {t}/m.h5", 2, "given twice", ("m.h5",)),
     Case("merge-other-material", "merge {d}/w.h5 {d}/pb.h5 --out {t}/m.h5", 2, "hold different showers", ("m.h5",)),
     Case("merge-getting-high-input", "merge {d}/w.h5 {d}/w_gh.h5 --out {t}/m.h5", 2, "--to showerdata", ("m.h5",)),
+    Case("merge-nan-incident-energy", "merge {d}/w.h5 {d}/nan_incident.h5 --out {t}/m.h5", 2, "NaN", ("m.h5",)),
+    Case("merge-negative-point-energies", "merge {d}/w.h5 {d}/negative_points.h5 --out {t}/m.h5", 2, "point energies contain negative", ("m.h5",)),
+    Case("merge-input-without-directions", "merge {d}/w.h5 {d}/no_directions.h5 --out {t}/m.h5", 2, "lacks the dataset 'directions'", ("m.h5",)),
     Case("merge-output-exists", "merge {d}/w.h5 {d}/one.h5 --out {t}/m.h5", 2, "add --overwrite", (), _existing("m.h5")),
     Case("merge-missing-input", "merge {d}/w.h5 {d}/nothing.h5 --out {t}/m.h5", 2, "no such file", ("m.h5",)),
     # quickstart
@@ -320,3 +375,58 @@ def test_bad_input_is_one_line_exit_2_and_leaves_nothing_behind(case, inputs, tm
         path = Path(name.format(d=inputs, t=work)) if "{" in name else work / name
         assert not path.exists(), path
     assert _snapshot(inputs, work) == before
+
+
+def test_generate_failing_before_its_first_shower_leaves_no_partial_to_refuse_the_rerun(
+    inputs, tmp_path, monkeypatch, capsys
+):
+    """A run that stops before it holds a shower has nothing to resume: its partial file goes, so
+    the corrected command is not refused as 'an interrupted run made with other arguments'."""
+    import calofm.generation.engine as engine
+
+    def fails(*args, **kwargs):
+        raise CalofmError("the decoder failed")
+
+    out = tmp_path / "x.h5"
+    argv = GEN.format(d=inputs).split() + ["--out", str(out)]
+    monkeypatch.setattr(engine, "generate", fails)
+    assert main(argv) == 2
+    assert "the decoder failed" in capsys.readouterr().err
+    assert not out.exists() and not (tmp_path / "x.h5.partial").exists()
+    monkeypatch.undo()
+    assert main([*argv, "--seed", "1"]) == 0
+    assert out.exists()
+
+
+def test_an_output_directory_without_write_permission_is_refused_before_anything_runs(
+    inputs, tmp_path, monkeypatch, capsys
+):
+    """(Root writes anywhere, so the permission is taken away where calofm asks for it.)"""
+    import calofm.files
+
+    report = tmp_path / "report"
+    report.mkdir()
+    real_access = calofm.files.os.access
+    monkeypatch.setattr(
+        calofm.files.os, "access", lambda p, mode: Path(p) != report and real_access(p, mode)
+    )
+    before = _snapshot(tmp_path)
+    assert main(EVAL.format(d=inputs).split() + ["--out", str(report)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"calofm evaluate: error: --out {report}: cannot write in it (permission denied)"
+    assert _snapshot(tmp_path) == before
+
+
+def test_generate_refuses_a_batch_beyond_free_memory_before_making_a_file(
+    inputs, tmp_path, monkeypatch, capsys
+):
+    """Too many showers decoded at once for the memory: one line saying so, before any file is
+    made, not the allocator's traceback a minute in (free memory made small, so that without the
+    check the run is small and succeeds instead of exhausting the machine)."""
+    import calofm.generation.decoder as decoder
+
+    monkeypatch.setattr(decoder, "free_memory", lambda device: 2**20)
+    assert main(GEN.format(d=inputs).split() + ["--out", str(tmp_path / "x.h5")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "GiB free on cpu; lower --batch-size" in err[0], err
+    assert list(tmp_path.iterdir()) == []

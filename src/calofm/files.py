@@ -69,6 +69,8 @@ def check_output_dir(path: str | os.PathLike[str], option: str = "--out") -> Pat
     path = check_parent(path, option)
     if path.exists() and not path.is_dir():
         raise CalofmError(f"{option} {path}: is a file; {option} needs a directory")
+    if path.is_dir() and not os.access(path, os.W_OK | os.X_OK):
+        raise CalofmError(f"{option} {path}: cannot write in it (permission denied)")
     return path
 
 

@@ -75,11 +75,32 @@ def save_adapter(
 
 
 def read_manifest(directory: str | os.PathLike[str]) -> dict:
+    """An adapter's manifest, its config, hashes and dependencies checked for form (an edited or
+    damaged manifest is one error line naming it, never a TypeError where it is used)."""
     required = ("config", "base_weights_sha256", "stacked_on", "adapter_sha256")
     manifest = read_manifest_file(
         Path(directory), MANIFEST_FILE, "calofm-adapter", FORMAT_VERSION, required, "adapter"
     )
-    AdapterConfig.from_dict(manifest["config"])
+    path = Path(directory) / MANIFEST_FILE
+    if not isinstance(manifest["config"], dict):
+        raise CalofmError(f"{path}: malformed adapter manifest (config is not an object)")
+    try:
+        AdapterConfig.from_dict(manifest["config"])
+    except CalofmError as exc:
+        raise CalofmError(f"{path}: {exc}") from None
+    except (TypeError, ValueError) as exc:
+        raise CalofmError(f"{path}: malformed adapter manifest (config: {exc})") from None
+    for key in ("base_weights_sha256", "adapter_sha256"):
+        if not isinstance(manifest[key], str):
+            raise CalofmError(f"{path}: malformed adapter manifest ({key} is not a hash)")
+    deps = manifest["stacked_on"]
+    if not isinstance(deps, list) or not all(
+        isinstance(d, dict) and isinstance(d.get("name"), str) and isinstance(d.get("sha256"), str)
+        for d in deps
+    ):
+        raise CalofmError(
+            f"{path}: malformed adapter manifest (stacked_on must list adapters by name and sha256)"
+        )
     return manifest
 
 

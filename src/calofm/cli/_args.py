@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import signal
 import sys
 from collections.abc import Callable, Iterator
@@ -20,6 +21,30 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+# showerdata files number showers and count their points with 32-bit integers.
+MAX_SHOWERS = 2**31 - 1
+# The largest seed every consumer takes (numpy's legacy and scikit-learn's RandomState: 32 bits).
+MAX_SEED = 2**32 - 1
+
+
+def shower_count(text: str) -> int:
+    """A number of showers to write: at least 1, at most what a showerdata file can hold."""
+    value = positive_int(text)
+    if value > MAX_SHOWERS:
+        raise argparse.ArgumentTypeError(
+            f"at most {MAX_SHOWERS:,} showers fit one showerdata file, got {value:,}"
+        )
+    return value
+
+
+def random_seed(text: str) -> int:
+    """A random seed in [0, 2**32 - 1]."""
+    value = non_negative_int(text)
+    if value > MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_SEED} (2**32 - 1), got {value}")
     return value
 
 
@@ -64,8 +89,8 @@ def positive_float(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be positive and finite, got {value}")
     return value
 
 
@@ -127,7 +152,7 @@ def add_selection_options(
         + f" (default {0.05 if val_fraction is None else val_fraction})",
     )
     data.add_argument(
-        "--seed", type=non_negative_int, default=0, help="data split, subsets, batches, init"
+        "--seed", type=random_seed, default=0, help="data split, subsets, batches, init"
     )
 
 

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from calofm.cli._args import positive_int
+from calofm.cli._args import positive_int, random_seed
 from calofm.errors import CalofmError
 
 
@@ -70,7 +70,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--seed",
-        type=int,
+        type=random_seed,
         default=MetricConfig.seed,
         help="seed of the splits (default: %(default)s)",
     )

@@ -20,7 +20,7 @@ import argparse
 import sys
 import time
 
-from calofm.cli._args import non_negative_int, positive_int
+from calofm.cli._args import positive_int, random_seed
 from calofm.cli._quickstart_plan import SCALES, make_plan
 from calofm.cli._quickstart_runner import (
     RECORD_FILE,
@@ -66,7 +66,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="the new material, one the base model lacks (default: G4_Pb)",
     )
     p.add_argument("--workers", type=positive_int, default=2, help="processes (default 2)")
-    p.add_argument("--seed", type=non_negative_int, default=1, help="base seed (default 1)")
+    p.add_argument("--seed", type=random_seed, default=1, help="base seed (default 1)")
     p.add_argument(
         "--overwrite",
         action="store_true",

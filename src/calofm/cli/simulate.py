@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from calofm.cli._args import add_energy_options, energy_bounds, non_negative_int, positive_int
+from calofm.cli._args import (
+    add_energy_options,
+    energy_bounds,
+    non_negative_int,
+    positive_int,
+    random_seed,
+    shower_count,
+)
 from calofm.detector import DetectorConfig, material_long
 from calofm.errors import CalofmError
 
@@ -26,9 +33,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="absorber, a Geant4 NIST name such as G4_W (or W); default: the detector config's",
     )
     p.add_argument("--particle", default="gamma", help="Geant4 particle name (default: gamma)")
-    p.add_argument("-n", type=positive_int, required=True, help="number of showers")
+    p.add_argument("-n", type=shower_count, required=True, help="number of showers")
     add_energy_options(p)
-    p.add_argument("--seed", type=non_negative_int, default=0, help="run seed (default: 0)")
+    p.add_argument("--seed", type=random_seed, default=0, help="run seed (default: 0)")
     p.add_argument(
         "--offset",
         type=non_negative_int,

@@ -7,9 +7,9 @@ import argparse
 from calofm.cli._args import (
     add_budget_options,
     fraction,
-    non_negative_int,
     positive_float,
     positive_int,
+    random_seed,
 )
 
 
@@ -72,7 +72,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_budget_options(f)
     f.add_argument("--val-fraction", type=fraction, default=0.05)
-    f.add_argument("--seed", type=non_negative_int, default=0)
+    f.add_argument("--seed", type=random_seed, default=0)
     f.add_argument("--batch-size", type=positive_int, help="showers per step (default 32)")
     f.add_argument("--lr", type=positive_float, help="peak learning rate (default 1e-3)")
     f.add_argument("--generate-batch", type=positive_int, default=128)

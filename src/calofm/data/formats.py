@@ -73,6 +73,14 @@ def _read_showerdata(f: h5py.File, info: ShowerFileInfo, start: int, stop: int) 
     incident = f["energies"][start:stop].reshape(-1).astype(np.float32)
     validate_energies(incident, f"{info.path}: incident energies")
     width = int(f["shape"][2]) if "shape" in f else 4
+    lengths = np.array([len(r) for r in rows], dtype=np.int64)
+    wrong = np.flatnonzero((num_points < 0) | (num_points * width > lengths))
+    if len(wrong):
+        i = int(wrong[0])
+        raise CalofmError(
+            f"{info.path}: shower {start + i} has {lengths[i] // width} points, but its "
+            f"num_points says {num_points[i]}"
+        )
     points = (
         np.concatenate([r[: n * width] for r, n in zip(rows, num_points, strict=True)])
         if len(rows)
@@ -94,15 +102,18 @@ def _read_showerdata(f: h5py.File, info: ShowerFileInfo, start: int, stop: int) 
     )
     if not np.all(inside):
         raise CalofmError(f"{info.path}: {np.sum(~inside)} points lie outside the detector grid")
-    return SparseShowers(
-        offsets=np.concatenate([[0], np.cumsum(num_points)]),
-        voxels=det.lxy_to_voxel(layer, ix, iy).astype(np.int32),
-        energies=energy.astype(np.float32),
-        incident=incident,
-        detector=det,
-        particle=info.particle,
-        metadata=info.metadata,
-    )
+    try:
+        return SparseShowers(
+            offsets=np.concatenate([[0], np.cumsum(num_points)]),
+            voxels=det.lxy_to_voxel(layer, ix, iy).astype(np.int32),
+            energies=energy.astype(np.float32),
+            incident=incident,
+            detector=det,
+            particle=info.particle,
+            metadata=info.metadata,
+        )
+    except CalofmError as exc:  # point counts that disagree with the rows of points
+        raise CalofmError(f"{info.path}: {exc}") from None
 
 
 def iter_showers(

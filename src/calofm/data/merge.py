@@ -17,8 +17,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from calofm.data.formats import file_info
-from calofm.data.layouts import META_ATTR, ShowerFileInfo
+from calofm.data.formats import file_info, read_showers
+from calofm.data.layouts import META_ATTR, ShowerFileInfo, open_file
 from calofm.errors import CalofmError
 from calofm.files import atomic_output
 
@@ -79,6 +79,13 @@ def _parts(paths: list[Path]) -> list[Part]:
             raise CalofmError(
                 f"{path}: a {info.format} file; merge joins showerdata files (calofm convert "
                 f"{path} --to showerdata first)"
+            )
+        with open_file(path) as f:
+            missing = [name for name in DATASETS if name not in f]
+        if missing:
+            raise CalofmError(
+                f"{path}: lacks the dataset {missing[0]!r} that merge copies (calofm convert "
+                f"{path} --to showerdata writes a complete file)"
             )
         parts.append(Part(info))
     return parts
@@ -159,6 +166,7 @@ def _copy(parts: list[Part], out: h5py.File, meta: dict) -> None:
         with h5py.File(part.info.path, "r") as f:
             for first in range(0, part.info.n, COPY_ROWS):
                 last = min(first + COPY_ROWS, part.info.n)
+                read_showers(part.info.path, first, last)  # NaN, negative or malformed: refused
                 for name in DATASETS:
                     out[name][start + first : start + last] = f[name][first:last]
             width = max(width, int(f["shape"][1]) if "shape" in f else 0)

@@ -342,7 +342,9 @@ def compare_samples(
                 _compare(observables, half_a, other, edges, scalers)
             )
             per_split[name]["auc"].append(
-                classifier_auc(features_ref[split.a], other_features, config, config.seed + k)[0]
+                classifier_auc(
+                    features_ref[split.a], other_features, config, (config.seed + k) % 2**32
+                )[0]  # scikit-learn takes 32-bit seeds
             )
 
     result: dict = {"candidates": {}, "floor": {}}

@@ -21,11 +21,14 @@ from pathlib import Path
 from tqdm import tqdm
 
 from calofm.adapters.files import load_model_with_adapters
-from calofm.data.formats import read_showers
+from calofm.data.formats import file_info, read_showers
+from calofm.data.layouts import ShowerFileInfo
 from calofm.data.showers import SparseShowers
 from calofm.data.subsets import ShowerPool, split_indices, too_few_message
+from calofm.detector import material_long
 from calofm.errors import CalofmError
 from calofm.files import atomic_output, check_output_dir, remove_outputs
+from calofm.model.config import parse_class
 from calofm.study.config import StudyConfig
 from calofm.study.figures import FIGURE_DIR, group_label, plot_study_observables
 from calofm.study.runs import (
@@ -60,7 +63,12 @@ def run_finetune_study(
     Every input is checked before anything is created. A study directory made with other settings
     is refused (its runs would be mixed with these) unless ``overwrite``, which removes it first.
     """
-    pool = ShowerPool.open(list(config.train_paths)).n
+    train_files = ShowerPool.open(list(config.train_paths))
+    _check_class(train_files.infos[0], config.class_name, "--data")
+    _check_class(file_info(config.test_path), config.class_name, "--test")
+    for cls, path in config.forgetting:
+        _check_class(file_info(path), cls, "--forgetting")
+    pool = train_files.n
     n_pool = len(split_indices(pool, config.val_fraction, config.seed)[0])
     if max(config.n_events) > n_pool:  # before any run, not after hours of them
         raise CalofmError(too_few_message(max(config.n_events), pool, n_pool, config.val_fraction))
@@ -161,6 +169,20 @@ def run_finetune_study(
         tmp.write_text(json.dumps(summary, indent=1))
     plot_summary(summary, out_dir / PLOT)
     return summary
+
+
+def _check_class(info: ShowerFileInfo, cls: str, option: str) -> None:
+    """Refuse a file whose metadata names another material or particle than ``cls``, before the
+    study directory is made (not when the first run reads it, or never for a test file)."""
+    material, particle = parse_class(cls)
+    meta = info.metadata
+    if (meta.get("material") and material_long(str(meta["material"])) != material) or (
+        meta.get("particle") and meta["particle"] != particle
+    ):
+        raise CalofmError(
+            f"{option} {info.path}: holds {info.detector.material}:{info.particle} showers, "
+            f"not {cls}"
+        )
 
 
 def _claim_study_dir(out_dir: Path, settings: str, overwrite: bool) -> None:
