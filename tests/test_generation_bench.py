@@ -96,6 +96,23 @@ def test_bench_generate_reports_every_mode_and_the_speedup_over_geant4(monkeypat
     assert result["tokens_per_s"]["2"] == pytest.approx(best * 6)
 
 
+def test_bench_generate_measures_the_precision_asked_for(monkeypatch, capsys):
+    from calofm.generation import decoder
+
+    seen = []
+    precision = decoder.StaticDecoder._precision
+    monkeypatch.setattr(
+        decoder.StaticDecoder,
+        "_precision",
+        lambda self: seen.append(self.config.precision) or precision(self),
+    )
+    args = ["bench", "generate", "--random-weights", "--preset", "tiny", "--batch", "2"]
+    args += ["--steps", "4", "--repeats", "1", "--geant4-showers", "0", "--mode", "eager"]
+    assert main([*args, "--precision", "bf16", "--json", "--threads", "1"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["settings"]["precision"] == "bf16" and set(seen) == {"bf16"}
+
+
 def test_bench_generate_needs_a_model_or_random_weights(capsys):
     assert main(["bench", "generate", "--preset", "tiny"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -97,6 +97,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="SHOWERS_PER_S",
         help="Geant4 showers/s per core measured elsewhere, where geant4-pybind is missing",
     )
+    g.add_argument(
+        "--precision",
+        choices=("fp32", "bf16", "fp16"),
+        default="fp32",
+        help="matrix products of the cached modes (as generate --precision; default fp32)",
+    )
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
     g.add_argument("--threads", type=positive_int, help="torch threads (default: torch's choice)")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
@@ -155,6 +161,7 @@ def run_generate(args: argparse.Namespace) -> int:
         n_showers=args.showers,
         geant4_showers=args.geant4_showers,
         geant4_rate=args.geant4_rate,
+        precision=args.precision,
     )
     log = (lambda _: None) if args.json else (lambda line: print(line, file=sys.stderr))
     result = run_throughput(settings, log=log)

@@ -65,6 +65,7 @@ class ThroughputSettings:
     energy_range: tuple[float, float] = (10.0, 100.0)
     geant4_showers: int = 8  # 0: no Geant4 measurement
     geant4_rate: float | None = None  # showers/s per core measured elsewhere (no geant4 here)
+    precision: str = "fp32"  # of the cached modes' matrix products (decoder.PRECISIONS)
 
     def __post_init__(self) -> None:
         for name in self.presets:
@@ -90,12 +91,12 @@ class ThroughputSettings:
         return cpu + ("compile",) if shutil.which("c++") or shutil.which("g++") else cpu
 
 
-def engine_of(mode: str, device: str) -> EngineConfig:
+def engine_of(mode: str, device: str, precision: str = "fp32") -> EngineConfig:
     if mode == "eager":
-        return EngineConfig(prepack=False)
+        return EngineConfig(prepack=False, precision=precision)
     if mode == "packed":
-        return EngineConfig()
-    return EngineConfig.for_device(mode, device)
+        return EngineConfig(precision=precision)
+    return EngineConfig.for_device(mode, device, precision)
 
 
 def _sync(device: str) -> None:
@@ -140,7 +141,7 @@ def measure_fixed(
             inc = torch.from_numpy(g.uniform(-1, 1, b).astype(np.float32)).to(dev)
             cid = torch.zeros(b, dtype=torch.long, device=dev)
             cached = mode != "recompute"
-            engine = engine_of(mode, dev) if cached else None
+            engine = engine_of(mode, dev, s.precision) if cached else None
 
             def run(u=u, inc=inc, cid=cid, engine=engine, steps=steps, cached=cached) -> None:
                 cond = fixed_length(model, inc, steps - 1)
@@ -197,7 +198,7 @@ def measure_continuous(settings: ThroughputSettings, log: Callable[[str], None])
                         batch_size=b,
                         device=s.device,
                         continuous=continuous,
-                        engine=engine_of(mode, s.device),
+                        engine=engine_of(mode, s.device, s.precision),
                     )[1]
                 )
 
