@@ -66,6 +66,13 @@ def test_a_reduced_precision_step_stays_close_to_the_fp32_step(precision):
     assert 0 < rel < 0.05, rel
 
 
+def test_the_command_line_offers_the_decoders_precisions():
+    from calofm.cli._args import PRECISION_CHOICES
+    from calofm.generation.decoder import PRECISIONS
+
+    assert PRECISION_CHOICES == tuple(PRECISIONS)
+
+
 def test_an_unknown_precision_is_refused():
     with pytest.raises(CalofmError, match="precision"):
         EngineConfig(precision="fp8")

@@ -124,6 +124,9 @@ def add_budget_options(parser: argparse.ArgumentParser) -> None:
 
 
 DEVICE_HELP = "cpu, cuda, cuda:N or auto (default: cuda when available)"
+# --precision's choices: the keys of calofm.generation.decoder.PRECISIONS, named here so that the
+# command line offers them without importing torch (a test checks the two agree)
+PRECISION_CHOICES = ("fp32", "bf16", "fp16")
 
 
 def add_selection_options(

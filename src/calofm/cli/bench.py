@@ -8,7 +8,12 @@ import json
 import sys
 from dataclasses import replace
 
-from calofm.cli._args import non_negative_int, positive_float, positive_int
+from calofm.cli._args import (
+    PRECISION_CHOICES,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
 from calofm.generation.bench_presets import PRESET_TOKENIZERS
 
 HELP = "measure generation speed (calofm bench model, calofm bench generate)"
@@ -99,7 +104,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     g.add_argument(
         "--precision",
-        choices=("fp32", "bf16", "fp16"),
+        choices=PRECISION_CHOICES,
         default="fp32",
         help="matrix products of the cached modes (as generate --precision; default fp32)",
     )

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from calofm.cli._args import (
     DEVICE_HELP,
+    PRECISION_CHOICES,
     add_energy_options,
     energy_bounds,
     positive_int,
@@ -145,7 +146,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--precision",
-        choices=("fp32", "bf16", "fp16"),
+        choices=PRECISION_CHOICES,
         default="fp32",
         help=(
             "type of the decode step's matrix products (RoPE, attention scores and sampling stay "
