@@ -6,11 +6,13 @@ the eager ratio says little about what the cache saves once that overhead is gon
 random-weight model (end of sequence out of reach) is timed per decode step at prefix lengths
 0..999: the decoder's static step against a full causal pass over the prefix with the heads on its
 last position, first both eager, then both compiled (the step as ``--engine compile`` runs it, the
-recomputation as ``torch.compile(hidden_states, dynamic=True)``), with the large heads packed
-for oneDNN on both sides as generation runs them. Each probe is the median of a few repeats in
-process CPU time (one thread); the step cost is fitted with a + bL + cL^2 and summed over a
-1000-token shower, as ``bench model`` does (``calofm.generation.step_timing``, whose presets and
-decode step this script shares):
+recomputation as ``torch.compile(hidden_states, dynamic=True)`` and its heads and sampling as
+``torch.compile(next_tokens)``), with the large heads packed for oneDNN on both sides as
+generation runs them. Each engine runs in a fresh process: in one process the second engine's
+steps ran up to 1.6x slower than alone (allocations and compiled code of the first). Each probe
+is the median of a few repeats in process CPU time (one thread); the step cost is fitted with
+a + bL + cL^2 and summed over a 1000-token shower, as ``bench model`` does
+(``calofm.generation.step_timing``, whose presets and decode step this script shares):
 
     python benchmarks/bench_kv_engines.py --preset small \\
         --out benchmarks/results/kv_engines_small.json
@@ -22,6 +24,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -32,22 +36,39 @@ from calofm.generation.step_timing import StepRunner, StepTimes, median_time, ra
 from calofm.model.experts import prepacked
 
 PROBES = [0, 250, 500, 750, 999]
+ENGINES = ("eager", "compile")
 LENGTH = 1000
 
 
 def step_times(model, engine: str, repeats: int) -> tuple[list[float], list[float]]:
     """Median seconds of the cached and of the recomputed step at each probe, both run by
-    ``engine`` (the recomputation compiled as ``torch.compile(hidden_states, dynamic=True)``)."""
+    ``engine`` (the recomputation compiled as ``torch.compile(hidden_states, dynamic=True)`` and
+    its heads and sampling as ``torch.compile(next_tokens)``)."""
     runner = StepRunner(model, 1, LENGTH + 1, engine=engine)
     cached = [median_time(runner.kv(p), repeats) for p in PROBES]
-    plain = model.hidden_states
-    if engine == "compile":
+    plain, heads = model.hidden_states, model.next_tokens
+    if engine == "compile":  # the heads and sampling compiled too, as in the cached step
         model.hidden_states = torch.compile(plain, dynamic=True)
+        model.next_tokens = torch.compile(heads)
     try:
         full = [median_time(runner.recompute(p), repeats) for p in PROBES]
     finally:
-        model.hidden_states = plain
+        model.hidden_states, model.next_tokens = plain, heads
     return cached, full
+
+
+def engine_row(preset: str, engine: str, repeats: int) -> dict:
+    """One engine's timings, in this process."""
+    torch.set_num_threads(1)
+    model = random_model(preset, 2)
+    with prepacked(model, 1):  # the heads as generation runs them, on both sides
+        kv, full = step_times(model, engine, repeats)
+    return {
+        "cached_step_s": dict(zip(map(str, PROBES), kv, strict=True)),
+        "recomputed_step_s": dict(zip(map(str, PROBES), full, strict=True)),
+        "kv_speedup_at_1000": StepTimes(PROBES, full).total(LENGTH)
+        / StepTimes(PROBES, kv).total(LENGTH),
+    }
 
 
 def main() -> None:
@@ -55,19 +76,20 @@ def main() -> None:
     parser.add_argument("--preset", choices=sorted(PRESET_TOKENIZERS), default="small")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--engine", choices=ENGINES, help="time one engine here, print its JSON")
     args = parser.parse_args()
-    torch.set_num_threads(1)
-    model = random_model(args.preset, 2)
+    if args.engine:
+        print(json.dumps(engine_row(args.preset, args.engine, args.repeats)))
+        return
     rows = {}
-    with prepacked(model, 1):  # the heads as generation runs them, on both sides
-        for engine in ("eager", "compile"):
-            kv, full = step_times(model, engine, args.repeats)
-            rows[engine] = {
-                "cached_step_s": dict(zip(map(str, PROBES), kv, strict=True)),
-                "recomputed_step_s": dict(zip(map(str, PROBES), full, strict=True)),
-                "kv_speedup_at_1000": StepTimes(PROBES, full).total(LENGTH)
-                / StepTimes(PROBES, kv).total(LENGTH),
-            }
+    for engine in ENGINES:
+        command = [sys.executable, __file__, "--preset", args.preset, "--engine", engine]
+        child = subprocess.run(
+            [*command, "--repeats", str(args.repeats)], capture_output=True, text=True
+        )
+        if child.returncode != 0:
+            raise SystemExit(f"bench_kv_engines: {engine} failed:\n{child.stderr[-2000:]}")
+        rows[engine] = json.loads(child.stdout.splitlines()[-1])
     result = {
         "preset": args.preset,
         "batch": 1,

@@ -10,6 +10,7 @@ import torch
 
 from calofm.data.showers import SparseShowers
 from calofm.detector import DetectorConfig
+from calofm.model import save_model
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -56,3 +57,12 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip("../shared/data is not present")
     return SHARED_DATA
+
+
+@pytest.fixture
+def model_dir(tmp_path) -> Path:
+    """A saved tiny model (``test_model.tiny_model``), for the command-line tests."""
+    from test_model import tiny_model
+
+    save_model(tiny_model(), tmp_path / "model", {"test": True})
+    return tmp_path / "model"

@@ -430,3 +430,20 @@ def test_generate_refuses_a_batch_beyond_free_memory_before_making_a_file(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "GiB free on cpu; lower --batch-size" in err[0], err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_quickstart_at_the_largest_seed_gives_every_step_a_seed_it_accepts(tmp_path):
+    """The quickstart seeds its k-th sample with seed + k: at 2**32 - 1 those must wrap, or a
+    step hours into the run refuses its seed."""
+    from calofm.cli import build_parser
+    from calofm.cli._quickstart_plan import make_plan
+    from calofm.cli._quickstart_steps import make_steps
+
+    parser = build_parser()
+    args = parser.parse_args(["quickstart", "--out", str(tmp_path), "--seed", str(2**32 - 1)])
+    seeds = []
+    for step in make_steps(make_plan(args)):
+        if step.argv and "--seed" in step.argv:
+            parser.parse_args(step.argv)  # argparse exits on a seed out of range
+            seeds.append(int(step.argv[step.argv.index("--seed") + 1]))
+    assert 2**32 - 1 in seeds and 0 in seeds

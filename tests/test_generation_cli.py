@@ -9,13 +9,7 @@ from test_model import tiny_model
 from calofm.cli import main
 from calofm.data.formats import file_info, read_all
 from calofm.data.writers import ShowerWriter
-from calofm.model import model_hash, save_model
-
-
-@pytest.fixture
-def model_dir(tmp_path):
-    save_model(tiny_model(), tmp_path / "model", {"test": True})
-    return tmp_path / "model"
+from calofm.model import model_hash
 
 
 def command(model_dir, out, *extra: str) -> list[str]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from test_generation_cli import command, model_dir  # noqa: F401 (a fixture)
+from test_generation_cli import command
 from test_static_decode import sampled, totals_model
 
 from calofm.cli import main
@@ -78,7 +78,7 @@ def test_an_unknown_precision_is_refused():
         EngineConfig(precision="fp8")
 
 
-def test_generate_records_the_precision_it_decoded_in(model_dir, tmp_path):  # noqa: F811
+def test_generate_records_the_precision_it_decoded_in(model_dir, tmp_path):
     out = tmp_path / "bf16.h5"
     assert main(command(model_dir, out, "--precision", "bf16")) == 0
     assert file_info(out).metadata["generator"]["precision"] == "bf16"

@@ -10,7 +10,6 @@ import signal
 import numpy as np
 import pytest
 from conftest import make_toy_showers
-from test_model import tiny_model
 
 from calofm.cli import main
 from calofm.data.formats import file_info, read_all, write_showers
@@ -18,13 +17,6 @@ from calofm.data.writers import GettingHighWriter, ShowerWriter
 from calofm.detector import DetectorConfig
 from calofm.errors import CalofmError
 from calofm.files import atomic_output
-from calofm.model import save_model
-
-
-@pytest.fixture
-def model_dir(tmp_path):
-    save_model(tiny_model(), tmp_path / "model", {"test": True})
-    return tmp_path / "model"
 
 
 def assert_same_showers(a, b) -> None:

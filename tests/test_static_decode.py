@@ -165,13 +165,18 @@ def test_compiled_step_draws_the_tokens_of_the_eager_step(monkeypatch):
     assert_same(a, b)
 
 
-@pytest.mark.parametrize("paper_design", [True, False], ids=["flat-head", "shipped-design"])
+@pytest.mark.parametrize(
+    ("paper_design", "rows"),
+    [(True, 3), (True, 1), (False, 3)],
+    ids=["flat-head", "flat-head-one-row", "shipped-design"],
+)
 def test_compiled_step_with_packed_heads_draws_the_tokens_of_the_eager_step(
-    monkeypatch, paper_design
+    monkeypatch, paper_design, rows
 ):
     """Inductor itself (the CPU engine users get with --engine compile): oneDNN-packed heads are
-    an operator it cannot lower, so they reach it as the opaque ``calofm::packed_linear``; the
-    occupancy's row counts reach it as ``calofm::row_counts``."""
+    an operator it cannot lower, so they reach it as the opaque ``calofm::packed_linear`` (one
+    row: as a reduction it fuses); the occupancy's row counts reach it as
+    ``calofm::row_counts``."""
     import shutil
 
     if shutil.which("g++") is None and shutil.which("c++") is None:
@@ -180,7 +185,7 @@ def test_compiled_step_with_packed_heads_draws_the_tokens_of_the_eager_step(
     model = tiny_model(paper_design=paper_design)
     model.spatial_head.never_end()
     assert can_prepack(model.spatial_head if paper_design else model.energy_head)
-    cond, cid, u = sampled(model, 3, 6)
+    cond, cid, u = sampled(model, rows, 6)
     a = decode(model, cond, cid, SamplingConfig(), 6, u)
     b = decode(
         model, cond, cid, SamplingConfig(), 6, u, engine=EngineConfig.for_device("compile", "cpu")
@@ -307,6 +312,24 @@ def test_prepacked_heads_give_the_logits_of_plain_ones_and_are_dropped_after():
     small = RoutedLinear(64, 64)
     with prepacked(small, 4) as n:
         assert n == 0 and small.packed is None  # small layers are faster unpacked
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_compiled_prepacked_layer_gives_the_products_of_a_plain_one(rows):
+    """One row in a compiled step is a row-wise reduction, more rows the packed operator."""
+    import shutil
+
+    if shutil.which("g++") is None and shutil.which("c++") is None:
+        pytest.skip("inductor needs a C++ compiler")
+    layer = RoutedLinear(256, 5000).eval()
+    if not can_prepack(layer):
+        pytest.skip("oneDNN weight packing is not available in this torch build")
+    x = torch.randn(rows, 1, 256)
+    with torch.no_grad(), prepacked(layer, rows):
+        got = torch.compile(layer, fullgraph=True)(x)
+        want = F.linear(x, layer.weight, layer.bias)
+    assert got.shape == (rows, 1, 5000)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_two_level_search_draws_what_one_cumulative_sum_draws():

@@ -5,8 +5,15 @@ reads.
 
 from __future__ import annotations
 
+from calofm.cli._args import MAX_SEED
 from calofm.cli._quickstart_plan import PARTICLE, Plan
 from calofm.cli._quickstart_runner import RECORD_FILE, Step, read_records
+
+
+def step_seed(seed: int, k: int) -> int:
+    """The seed of a run's k-th sample: ``seed + k``, wrapped into [0, 2**32 - 1] so that every
+    step accepts it whatever seed the quickstart was given."""
+    return (seed + k) % (MAX_SEED + 1)
 
 
 def _simulate_steps(plan: Plan) -> list[Step]:
@@ -39,7 +46,7 @@ def _simulate_steps(plan: Plan) -> list[Step]:
                     lo,
                     hi,
                     "--seed",
-                    str(plan.seed + k),
+                    str(step_seed(plan.seed, k)),
                     "--workers",
                     str(plan.workers),
                     "--out",
@@ -140,7 +147,7 @@ def make_steps(plan: Plan) -> list[Step]:
                     f"calofm={plan.model} + {plan.new_class} expert, generated together with "
                     f"{', '.join(plan.classes)}",
                     "--seed",
-                    str(plan.seed + k),
+                    str(step_seed(plan.seed, k)),
                     "--out",
                     str(plan.evaluation(cls)),
                 ],

@@ -67,12 +67,36 @@ def incident_energies(path: str | os.PathLike[str]) -> np.ndarray:
 
 
 def _read_showerdata(f: h5py.File, info: ShowerFileInfo, start: int, stop: int) -> SparseShowers:
+    return showers_from_rows(
+        info,
+        f["showers"][start:stop],
+        f["num_points"][start:stop],
+        f["energies"][start:stop],
+        showerdata_width(f),
+        start,
+    )
+
+
+def showerdata_width(f: h5py.File) -> int:
+    """Numbers per point of a showerdata file's rows (x, y, layer, energy[, time])."""
+    return int(f["shape"][2]) if "shape" in f else 4
+
+
+def showers_from_rows(
+    info: ShowerFileInfo,
+    rows: np.ndarray,
+    num_points: np.ndarray,
+    energies: np.ndarray,
+    width: int,
+    start: int = 0,
+) -> SparseShowers:
+    """Showers ``start:`` of a showerdata file from its datasets' rows as read (``showers``,
+    ``num_points``, ``energies``), checked: NaN or negative energies, point counts that disagree
+    with the rows and points outside the grid are refused with the file and shower named."""
     det = info.detector
-    rows = f["showers"][start:stop]
-    num_points = f["num_points"][start:stop].astype(np.int64)
-    incident = f["energies"][start:stop].reshape(-1).astype(np.float32)
+    num_points = num_points.astype(np.int64)
+    incident = energies.reshape(-1).astype(np.float32)
     validate_energies(incident, f"{info.path}: incident energies")
-    width = int(f["shape"][2]) if "shape" in f else 4
     lengths = np.array([len(r) for r in rows], dtype=np.int64)
     wrong = np.flatnonzero((num_points < 0) | (num_points * width > lengths))
     if len(wrong):

@@ -17,7 +17,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from calofm.data.formats import file_info, read_showers
+from calofm.data.formats import file_info, showerdata_width, showers_from_rows
 from calofm.data.layouts import META_ATTR, ShowerFileInfo, open_file
 from calofm.errors import CalofmError
 from calofm.files import atomic_output
@@ -166,9 +166,12 @@ def _copy(parts: list[Part], out: h5py.File, meta: dict) -> None:
         with h5py.File(part.info.path, "r") as f:
             for first in range(0, part.info.n, COPY_ROWS):
                 last = min(first + COPY_ROWS, part.info.n)
-                read_showers(part.info.path, first, last)  # NaN, negative or malformed: refused
+                chunk = {name: f[name][first:last] for name in DATASETS}
+                rows, counts, energies = chunk["showers"], chunk["num_points"], chunk["energies"]
+                # NaN, negative or malformed: refused before a row is written
+                showers_from_rows(part.info, rows, counts, energies, showerdata_width(f), first)
                 for name in DATASETS:
-                    out[name][start + first : start + last] = f[name][first:last]
+                    out[name][start + first : start + last] = chunk[name]
             width = max(width, int(f["shape"][1]) if "shape" in f else 0)
         start += part.info.n
     out.create_dataset("shape", data=np.array([n, width, 4], dtype=np.int32))

