@@ -146,7 +146,7 @@ def main() -> None:
     for b in batches:
         wall: dict[str, list[float]] = {name: [] for name in systems}
         cpu: dict[str, list[float]] = {name: [] for name in systems}
-        for name, run in systems.items():
+        for run in systems.values():
             run(b, 0)  # warm-up (and compilation)
         for r in range(args.rounds):
             for name, run in systems.items():
