@@ -188,7 +188,9 @@ def main() -> None:
                 f" | {ratio_wall:.2f}x, {ratio_cpu:.2f}x"
             )
     if geant4:
-        print(f"Geant4: {geant4['showers_per_s_per_core']:.2f} showers/s per core ({geant4['source']})")
+        print(
+            f"Geant4: {geant4['showers_per_s_per_core']:.2f} showers/s per core ({geant4['source']})"
+        )
     if args.out:
         with atomic_output(args.out) as tmp:
             tmp.write_text(json.dumps(result, indent=2) + "\n")
