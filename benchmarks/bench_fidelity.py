@@ -92,6 +92,8 @@ ARMS = {
     "small+own+full-rings": {**OWN, "full_rings": True},
     # the small preset, and every position sees which way the shower so far leans
     "small+transverse": {**DESIGN, "relative_energy": True, "transverse_state": True},
+    # the small preset, and the x and y heads tilt each position's next hit towards that lean
+    "small+pull": {**DESIGN, "relative_energy": True, "centre_pull": True},
     # the layered head, and every position sees the mean energy per hit still to come
     "small+layered+perhit": {
         **OCCUPANCY,

@@ -21,10 +21,11 @@ def occupancy_head(
     own: bool = False,
     layer_energy: bool = False,
     full_rings: bool = False,
+    pull: bool = False,
 ) -> FactorisedVoxelHead:
     torch.manual_seed(seed)
     head = FactorisedVoxelHead(
-        D, SMALL_TOK, SMALL_DET, True, rings, centre, own, layer_energy, full_rings
+        D, SMALL_TOK, SMALL_DET, True, rings, centre, own, layer_energy, full_rings, pull
     )
     gates = (head.layer_gate, head.x_gate) if own else ()
     with torch.no_grad():  # make the occupancy weights large enough to matter
@@ -57,30 +58,38 @@ def test_occupancy_needs_the_factorised_head_and_voxels_used_once():
 
 
 @pytest.mark.parametrize(
-    "rings,centre,own,layer_energy,full_rings",
+    "rings,centre,own,layer_energy,full_rings,pull",
     [
-        (False, False, False, False, False),
-        (True, False, False, False, False),
-        (True, True, False, False, False),
-        (False, False, True, False, False),
-        (True, True, True, False, False),
-        (True, True, True, True, False),
-        (True, True, True, True, True),
+        (False, False, False, False, False, False),
+        (True, False, False, False, False, False),
+        (True, True, False, False, False, False),
+        (False, False, True, False, False, False),
+        (True, True, True, False, False, False),
+        (True, True, True, True, False, False),
+        (True, True, True, True, True, False),
+        (True, True, True, False, True, True),
     ],
 )
 def test_training_log_likelihood_is_the_distribution_scored_from_the_used_voxels(
-    rings, centre, own, layer_energy, full_rings
+    rings, centre, own, layer_energy, full_rings, pull
 ):
     """log_prob's occupancy (one-hot sums over the history) is the one ``scores`` reads from the
     used-voxel mask, and the y already taken in the target's row are renormalised away."""
     hd = occupancy_head(
-        rings=rings, centre=centre, own=own, layer_energy=layer_energy, full_rings=full_rings
+        rings=rings,
+        centre=centre,
+        own=own,
+        layer_energy=layer_energy,
+        full_rings=full_rings,
+        pull=pull,
     )
     tok, ny = SMALL_TOK, SMALL_DET.ny
     s, _ = shower_tokens(2, 9, seed=4)
     history, target = s[:, :-1], s[:, 1:]
     h = torch.randn(2, history.shape[1], D)
     extra = {"energy": torch.rand(2, history.shape[1], SMALL_DET.n_layers)} if layer_energy else {}
+    if pull:
+        extra["centre"] = 0.5 * torch.randn(2, history.shape[1], 2)
     got = hd.log_prob(h, target, history, **extra)
     log_p = hd.scores(h, used=used_so_far(history), **extra)
     for b in range(2):
@@ -107,17 +116,18 @@ def test_the_distribution_moves_with_the_voxels_the_shower_has():
 
 
 @pytest.mark.parametrize(
-    "centre,own,layer_energy,full_rings",
+    "centre,own,layer_energy,full_rings,pull",
     [
-        (False, False, False, False),
-        (True, False, False, False),
-        (True, True, False, False),
-        (True, True, True, False),
-        (True, True, False, True),
+        (False, False, False, False, False),
+        (True, False, False, False, False),
+        (True, True, False, False, False),
+        (True, True, True, False, False),
+        (True, True, False, True, False),
+        (True, True, False, True, True),
     ],
 )
 def test_greedy_sampling_follows_the_scored_distribution_for_any_used_voxels(
-    centre, own, layer_energy, full_rings
+    centre, own, layer_energy, full_rings, pull
 ):
     """Layer, then x, then y by argmax of the conditionals that ``scores`` multiplies, full layers
     and rows and taken voxels left out: sampling reads the occupancy the way training does."""
@@ -128,11 +138,14 @@ def test_greedy_sampling_follows_the_scored_distribution_for_any_used_voxels(
         own=own,
         layer_energy=layer_energy,
         full_rings=full_rings,
+        pull=pull,
     )
     b, tok, det = 16, SMALL_TOK, SMALL_DET
     used = torch.rand(b, tok.n_voxels, generator=torch.Generator().manual_seed(0)) < 0.3
     h = torch.randn(b, D)
     extra = {"energy": torch.rand(b, det.n_layers)} if layer_energy else {}
+    if pull:
+        extra["centre"] = 0.5 * torch.randn(b, 2)
     drawn = hd.sample(h, None, used, 0.0, **extra)
     lp = hd.scores(h, used=used, **extra)
     grid = used.view(b, det.n_layers, det.nx, det.ny)

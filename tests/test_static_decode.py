@@ -115,9 +115,26 @@ def layer_energy_model(**options) -> CaloFM:
     return model
 
 
+def centre_pull_model() -> CaloFM:
+    """A model whose x and y heads lean on the shower's centre (gates large enough to change the
+    draws), so that the decoder's running centre is checked against the history's."""
+    model = totals_model(centre_pull=True)
+    head = model.spatial_head
+    with torch.no_grad():
+        for m in (head.x_pull, head.y_pull):
+            m.weight.normal_(std=2.0, generator=torch.Generator().manual_seed(1))
+    return model
+
+
 @pytest.mark.parametrize(
     "make",
-    [tiny_model, totals_model, layer_energy_model, lambda: layer_energy_model(full_rings=True)],
+    [
+        tiny_model,
+        totals_model,
+        layer_energy_model,
+        lambda: layer_energy_model(full_rings=True),
+        centre_pull_model,
+    ],
 )
 def test_static_decode_draws_the_tokens_of_recomputation(make):
     """Sampled, with a dynamic temperature: the static step and recomputing the whole prefix draw

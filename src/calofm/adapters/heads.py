@@ -143,6 +143,7 @@ class RoutedVoxelHead(nn.Module):
         routing: Routing | None = None,
         used: torch.Tensor | None = None,
         energy: torch.Tensor | None = None,
+        centre: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if used is None:
             return self._routed(
@@ -150,11 +151,12 @@ class RoutedVoxelHead(nn.Module):
             )
         return self._routed(
             routing,
-            lambda head, h, bias, used, e: head.scores(h, bias, used=used, **_energy(e)),
+            lambda head, h, bias, used, e, c: head.scores(h, bias, used=used, **_extra(e, c)),
             h,
             self._layer_bias(routing),
             used,
             energy,
+            centre,
         )
 
     def log_prob(
@@ -165,15 +167,17 @@ class RoutedVoxelHead(nn.Module):
         layer_bias: torch.Tensor | None = None,
         routing: Routing | None = None,
         energy: torch.Tensor | None = None,
+        centre: torch.Tensor | None = None,
     ) -> torch.Tensor:
         return self._routed(
             routing,
-            lambda head, h, t, hist, bias, e: head.log_prob(h, t, hist, bias, **_energy(e)),
+            lambda head, h, t, hist, bias, e, c: head.log_prob(h, t, hist, bias, **_extra(e, c)),
             h,
             target,
             history,
             self._layer_bias(routing),
             energy,
+            centre,
         )
 
     def sample(
@@ -188,11 +192,12 @@ class RoutedVoxelHead(nn.Module):
         routing: Routing | None = None,
         can_end: torch.Tensor | None = None,
         energy: torch.Tensor | None = None,
+        centre: torch.Tensor | None = None,
     ) -> torch.Tensor:
         return self._routed(
             routing,
-            lambda head, h, u, used, bias, end, e: head.sample(
-                h, u, used, temperature, top_k, top_p, bias, can_end=end, **_energy(e)
+            lambda head, h, u, used, bias, end, e, c: head.sample(
+                h, u, used, temperature, top_k, top_p, bias, can_end=end, **_extra(e, c)
             ),
             h,
             u,
@@ -200,16 +205,18 @@ class RoutedVoxelHead(nn.Module):
             self._layer_bias(routing),
             can_end,
             energy,
+            centre,
         )
 
     def never_end(self) -> None:
         self.base.never_end()
 
 
-def _energy(energy: torch.Tensor | None) -> dict[str, torch.Tensor]:
-    """The layer energy features as the keyword a factorised head takes (none: no keyword, as
-    the flat and layered heads take none)."""
-    return {} if energy is None else {"energy": energy}
+def _extra(energy: torch.Tensor | None, centre: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The layer energy features and the shower's centre as the keywords a factorised head takes
+    (none given: no keyword, as the flat and layered heads take none)."""
+    given = {"energy": energy, "centre": centre}
+    return {k: v for k, v in given.items() if v is not None}
 
 
 def routed_energy_head(model: CaloFM, sites: Sites) -> RoutedHead:

@@ -135,6 +135,8 @@ class StaticDecoder:
         self.used = torch.zeros(b, tok.n_voxels, dtype=torch.bool, device=dev) if unique else None
         n_layers = model.detector.n_layers  # each row's energy per layer (layer_energy)
         self.layer_mev = torch.zeros(b, n_layers, device=dev) if model.config.layer_energy else None
+        # each row's energy and its moments in x and y (centre_pull)
+        self.centre_sums = torch.zeros(b, 3, device=dev) if model.config.centre_pull else None
         self.greedy = sampling.greedy
         self.uniforms = (
             None
@@ -195,6 +197,8 @@ class StaticDecoder:
             self.used[idx] = False
         if self.layer_mev is not None:
             self.layer_mev[idx] = 0.0
+        if self.centre_sums is not None:
+            self.centre_sums[idx] = 0.0
         self.host_pos[slots] = 0
 
     # ---- the step -------------------------------------------------------------------------------
@@ -239,6 +243,7 @@ class StaticDecoder:
                 at_end,
                 model.energy_shift(self.cond),
                 self.layer_mev,
+                self.centre_sums,
             )
         if at_end is not None:
             sp = torch.where(at_end, tok.spatial_eos, sp)
@@ -256,6 +261,9 @@ class StaticDecoder:
         if self.layer_mev is not None:
             layer = model.geometry[sp, 0].clamp(max=self.layer_mev.shape[1] - 1)
             self.layer_mev[self.rows, layer] += torch.where(record, model.bin_mev[en], 0.0)
+        if self.centre_sums is not None:
+            drawn = model.centre_sums(sp[:, None], en[:, None])[:, 0]
+            self.centre_sums += torch.where(record[:, None], drawn, 0.0)
         self.n_hits += record.long()
         first = pos == 0
         self.spatial.copy_(torch.where(first, tok.spatial_sos, sp))

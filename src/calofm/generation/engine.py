@@ -153,6 +153,9 @@ def _decode_recomputing(
             model.layer_mev(seq_s[:, : step + 1], seq_e[:, : step + 1])[:, -1]
             if layer_energy
             else None,
+            model.centre_sums(seq_s[:, : step + 1], seq_e[:, : step + 1])[:, -1]
+            if model.config.centre_pull
+            else None,
         )
         if at_end is not None:
             s = torch.where(at_end, tok.spatial_eos, s)

@@ -120,6 +120,7 @@ class StepRunner:
         self.used = torch.zeros(batch, tok.n_voxels, dtype=torch.bool) if unique else None
         n_layers = model.detector.n_layers
         self.layer_mev = torch.zeros(batch, n_layers) if model.config.layer_energy else None
+        self.centre_sums = torch.zeros(batch, 3) if model.config.centre_pull else None
         self.sampling = SamplingConfig()
         self.max_len = max_len
         # the engine as generation runs it on a CPU; packing the heads is the caller's choice
@@ -136,6 +137,7 @@ class StepRunner:
             1.0,
             shift=self.model.energy_shift(self.cond),
             layer_mev=self.layer_mev,
+            centre_sums=self.centre_sums,
         )
         done = (s == self.model.tokenizer.spatial_eos) | (e == self.model.tokenizer.energy_eos)
         bool(done.all())

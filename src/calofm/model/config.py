@@ -85,6 +85,13 @@ class ModelConfig(FromDict):
     # than a generated one's (needs shower_state). On the small design, after 3,600 steps, the
     # generated centre's spread did not widen and the classifier AUC rose, so it stays off.
     transverse_state: bool = False
+    # The x and y heads' logits also get a gated product of the shower's energy-weighted centre so
+    # far (cells from the beam axis) and each row's (column's) position: a position can tilt its
+    # next hit towards the side its own shower leans to. A gated (x - centre)^2 "pull" is this
+    # product plus a fixed x^2 pattern the sub-heads already have, and a term in x alone tilts
+    # every shower alike; fed the centre as an input (transverse_state) the network did not learn
+    # the product (needs voxel_head=factorised).
+    centre_pull: bool = False
 
     def __post_init__(self) -> None:
         if self.d_model <= 0 or self.n_heads <= 0 or self.n_blocks <= 0 or self.ffn_mult <= 0:
@@ -130,6 +137,10 @@ class ModelConfig(FromDict):
         for name in ("layer_energy", "full_rings"):
             if getattr(self, name) and not self.ring_occupancy:
                 raise CalofmError(f"model: {name} needs ring_occupancy=true (or set {name}=false)")
+        if self.centre_pull and self.voxel_head != "factorised":
+            raise CalofmError(
+                "model: centre_pull needs voxel_head=factorised (or set centre_pull=false)"
+            )
         if self.transverse_state and not self.shower_state:
             raise CalofmError(
                 "model: transverse_state needs shower_state=true (or set transverse_state=false)"

@@ -68,6 +68,7 @@ class FactorisedVoxelHead(nn.Module):
         own: bool = False,
         layer_energy: bool = False,
         full_rings: bool = False,
+        pull: bool = False,
     ):
         super().__init__()
         d = d_model
@@ -104,6 +105,12 @@ class FactorisedVoxelHead(nn.Module):
             if own:  # the gates of each layer's and each row's own occupancy features
                 self.layer_gate = nn.Linear(d, per_layer)
                 self.x_gate = nn.Linear(d, per_row)
+        self.pull = pull
+        if pull:  # the gates of the centre's products with the rows' and columns' positions
+            self.x_pull = nn.Linear(d, 1)
+            self.y_pull = nn.Linear(d, 1)
+            self.register_buffer("x_pos", torch.arange(self.nx) - (self.nx - 1) / 2, False)
+            self.register_buffer("y_pos", torch.arange(self.ny) - (self.ny - 1) / 2, False)
 
     # the three conditionals -------------------------------------------------------------------
 
@@ -123,17 +130,26 @@ class FactorisedVoxelHead(nn.Module):
         return add_layer_bias(y, layer_bias)
 
     def _x_logits(
-        self, h: torch.Tensor, layer: torch.Tensor, occupancy: torch.Tensor | None = None
+        self,
+        h: torch.Tensor,
+        layer: torch.Tensor,
+        occupancy: torch.Tensor | None = None,
+        centre: torch.Tensor | None = None,
     ) -> torch.Tensor:
         a = self.x_in(h) + self.x_layer(layer)
         if occupancy is not None:
             a = a + self.x_occ(occupancy)
-        return self._x_out(F.gelu(a), occupancy)
+        return self._x_out(F.gelu(a), occupancy, centre)
 
-    def _x_out(self, a: torch.Tensor, occupancy: torch.Tensor | None) -> torch.Tensor:
+    def _x_out(
+        self, a: torch.Tensor, occupancy: torch.Tensor | None, centre: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``centre`` (..., 2): the shower's centre, its dimensions broadcasting against ``a``'s."""
         y = self.x_out(a)
         if self.own and occupancy is not None:
             y = y + _own_term(occupancy, self.nx, self.x_gate(a))
+        if self.pull:
+            y = y + self.x_pull(a) * _centre(centre)[..., :1] * self.x_pos
         return y
 
     def _y_logits(
@@ -142,11 +158,18 @@ class FactorisedVoxelHead(nn.Module):
         layer: torch.Tensor,
         x: torch.Tensor,
         occupancy: torch.Tensor | None = None,
+        centre: torch.Tensor | None = None,
     ) -> torch.Tensor:
         a = self.y_in(h) + self.y_layer(layer) + self.y_x(x)
         if occupancy is not None:
             a = a + self.y_occ(occupancy.to(self.y_occ.weight.dtype))
-        return self.y_out(F.gelu(a))
+        return self._y_out(F.gelu(a), centre)
+
+    def _y_out(self, a: torch.Tensor, centre: torch.Tensor | None) -> torch.Tensor:
+        y = self.y_out(a)
+        if self.pull:
+            y = y + self.y_pull(a) * _centre(centre)[..., 1:] * self.y_pos
+        return y
 
     def _split(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(layer, x, y) of spatial ids; special ids give (0, 0, 0)."""
@@ -167,7 +190,9 @@ class FactorisedVoxelHead(nn.Module):
         layer_bias: torch.Tensor | None = None,
         routing: Routing | None = None,
         energy: torch.Tensor | None = None,
+        centre: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """``centre`` (B, T, 2): each position's shower centre so far, in cells (``pull``)."""
         regular = target < self.n_voxels
         layer, x, y = self._split(target)
         occ = None
@@ -179,8 +204,8 @@ class FactorisedVoxelHead(nn.Module):
         lp_layer = torch.log_softmax(self._layer_logits(h, layer_bias, o_layers).float(), dim=-1)
         layer_class = torch.where(regular, layer, torch.full_like(layer, self.n_layers))
         out = lp_layer.gather(-1, layer_class[..., None])[..., 0]
-        lp_x = torch.log_softmax(self._x_logits(h, layer, o_rows).float(), dim=-1)
-        lp_y = torch.log_softmax(self._y_logits(h, layer, x, o_column).float(), dim=-1)
+        lp_x = torch.log_softmax(self._x_logits(h, layer, o_rows, centre).float(), dim=-1)
+        lp_y = torch.log_softmax(self._y_logits(h, layer, x, o_column, centre).float(), dim=-1)
         part = lp_x.gather(-1, x[..., None])[..., 0] + lp_y.gather(-1, y[..., None])[..., 0]
         if history is not None:
             # A voxel is used once: at (layer, x) the y already taken leave the normalisation.
@@ -203,11 +228,13 @@ class FactorisedVoxelHead(nn.Module):
         routing: Routing | None = None,
         used: torch.Tensor | None = None,
         energy: torch.Tensor | None = None,
+        centre: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """log P of every spatial token (SOS and PAD at -inf): logits of the same distribution.
 
         ``used`` (..., voxels): the voxels each position's shower already has (an
-        occupancy-aware head needs it; the y already used are not removed here)."""
+        occupancy-aware head needs it; the y already used are not removed here); ``centre``
+        (..., 2) its centre so far (``pull``)."""
         occ_layers = occ_rows = occ_columns = None
         if self.occupancy:
             if used is None:
@@ -217,7 +244,8 @@ class FactorisedVoxelHead(nn.Module):
         hx = self.x_in(h)[..., None, :] + self.x_layer.weight  # (..., L, d)
         if occ_rows is not None:
             hx = hx + self.x_occ(occ_rows)
-        lp_x = torch.log_softmax(self._x_out(F.gelu(hx), occ_rows).float(), dim=-1)  # (..., L, X)
+        c = None if centre is None else centre[..., None, :]  # over layers
+        lp_x = torch.log_softmax(self._x_out(F.gelu(hx), occ_rows, c).float(), -1)  # (..., L, X)
         hy = (
             self.y_in(h)[..., None, None, :]
             + self.y_layer.weight[:, None, :]
@@ -225,7 +253,8 @@ class FactorisedVoxelHead(nn.Module):
         )
         if occ_columns is not None:
             hy = hy + self.y_occ(occ_columns.to(self.y_occ.weight.dtype))
-        lp_y = torch.log_softmax(self.y_out(F.gelu(hy)).float(), dim=-1)  # (..., L, X, Y)
+        c = None if centre is None else centre[..., None, None, :]  # over layers and rows
+        lp_y = torch.log_softmax(self._y_out(F.gelu(hy), c).float(), dim=-1)  # (..., L, X, Y)
         voxels = lp_layer[..., : self.n_layers, None, None] + lp_x[..., None] + lp_y
         return with_special_tokens(voxels.flatten(-3), lp_layer, self.n_layers)
 
@@ -242,6 +271,7 @@ class FactorisedVoxelHead(nn.Module):
         routing: Routing | None = None,
         can_end: torch.Tensor | None = None,
         energy: torch.Tensor | None = None,
+        centre: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Layer, then x, then y, each from its conditional (top-k/p and temperature per part).
 
@@ -266,12 +296,13 @@ class FactorisedVoxelHead(nn.Module):
         layer = sample(logits, None if u is None else u[:, 0], temperature, top_k, top_p)
         end = layer == self.n_layers
         layer = layer.clamp(max=self.n_layers - 1)
-        logits = self._x_logits(h, layer, None if occ is None else occ.rows[rows, layer]).float()
+        o_rows = None if occ is None else occ.rows[rows, layer]
+        logits = self._x_logits(h, layer, o_rows, centre).float()
         if per_row is not None:
             logits.masked_fill_(per_row[rows, layer] == self.ny, float("-inf"))
         x = sample(logits, None if u is None else u[:, 1], temperature, top_k, top_p)
         column = None if occ is None else occ.column[rows, layer, x]
-        logits = self._y_logits(h, layer, x, column).float()
+        logits = self._y_logits(h, layer, x, column, centre).float()
         if grid is not None:
             logits.masked_fill_(grid[rows, layer, x], float("-inf"))
         y = sample(logits, None if u is None else u[:, 2], temperature, top_k, top_p)
@@ -281,6 +312,12 @@ class FactorisedVoxelHead(nn.Module):
     def never_end(self) -> None:
         with torch.no_grad():
             self.layer.bias[self.n_layers] = -1e9
+
+
+def _centre(centre: torch.Tensor | None) -> torch.Tensor:
+    if centre is None:
+        raise CalofmError("voxel head: a head with the centre pull needs the shower's centre")
+    return centre
 
 
 def _own_term(occupancy: torch.Tensor, n: int, gate: torch.Tensor) -> torch.Tensor:
@@ -306,11 +343,12 @@ def voxel_head(
     own: bool = False,
     layer_energy: bool = False,
     full_rings: bool = False,
+    pull: bool = False,
 ) -> VoxelHead:
     if kind == "flat":
         return FlatVoxelHead(d_model, tokenizer, layer_of_token)
     if kind == "layered":
         return LayeredVoxelHead(d_model, tokenizer, detector)
     return FactorisedVoxelHead(
-        d_model, tokenizer, detector, occupancy, rings, centre, own, layer_energy, full_rings
+        d_model, tokenizer, detector, occupancy, rings, centre, own, layer_energy, full_rings, pull
     )

@@ -91,6 +91,23 @@ class TokenScoring:
         one_hot = F.one_hot(layer.clamp(max=n_layers - 1), n_layers).to(mev.dtype)
         return (one_hot * mev[..., None]).cumsum(dim=-2)
 
+    def centre_sums(self, spatial: torch.Tensor, energy: torch.Tensor) -> torch.Tensor:
+        """(B, t, 3): the energy (MeV) of tokens 0..j of ``spatial`` and ``energy`` (B, t) and
+        its first moments in x and y (cells from the beam axis), per j; what a decoder adds up
+        hit by hit (special tokens carry no energy)."""
+        mev = self.bin_mev[energy]
+        return torch.cat([mev[..., None], self._moments(spatial, energy)], dim=-1).cumsum(dim=1)
+
+    def _centre(self, sums: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """The voxel head's ``centre`` argument with ``centre_pull``: the energy-weighted centre
+        (..., 2) of the hits so far from their ``centre_sums`` (..., 3), 0 before the first hit;
+        empty otherwise."""
+        if not self.config.centre_pull:
+            return {}
+        if sums is None:
+            raise CalofmError("model: centre_pull needs the shower's energy and its moments")
+        return {"centre": sums[..., 1:] / sums[..., :1].clamp(min=1e-3)}
+
     def _layer_energy(
         self, layer_mev: torch.Tensor | None, previous_energy: torch.Tensor | None
     ) -> dict[str, torch.Tensor]:
@@ -111,13 +128,15 @@ class TokenScoring:
         used: torch.Tensor | None = None,
         shift: torch.Tensor | None = None,
         layer_mev: torch.Tensor | None = None,
+        centre_sums: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Spatial logits (B, t, Vs) (log-probabilities for a factorised head) and energy logits
         (B, t, Ve) from block outputs ``h``; ``previous_energy`` (B, t) the fed energy tokens;
         ``used`` (B, t, voxels) the voxels each position's shower has (a head that reads them);
-        ``layer_mev`` (B, t, layers) its energy per layer (``layer_energy``)."""
+        ``layer_mev`` (B, t, layers) its energy per layer (``layer_energy``); ``centre_sums``
+        (B, t, 3) its energy and moments (``centre_pull``)."""
         h = self.ln_f(h)
-        extra = self._layer_energy(layer_mev, previous_energy)
+        extra = self._layer_energy(layer_mev, previous_energy) | self._centre(centre_sums)
         if used is None:
             spatial = self.spatial_head.scores(h, routing=routing, **extra)
         else:
@@ -156,6 +175,8 @@ class TokenScoring:
         extra = {}
         if self.config.layer_energy:
             extra = self._layer_energy(self.layer_mev(inputs_s, inputs_e), inputs_e)
+        if self.config.centre_pull:
+            extra |= self._centre(self.centre_sums(inputs_s, inputs_e))
         log_p = self.spatial_head.log_prob(h, targets_s, history, routing=routing, **extra)
         real = targets_s != tok.spatial_pad
         nll_s = -torch.where(real, log_p, torch.zeros_like(log_p)).sum() / real.sum().clamp(min=1)
@@ -188,6 +209,7 @@ class TokenScoring:
         can_end: torch.Tensor | None = None,
         shift: torch.Tensor | None = None,
         layer_mev: torch.Tensor | None = None,
+        centre_sums: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Draw the next (voxel, energy bin) per row from the last block's output ``h`` (B, d).
 
@@ -195,7 +217,8 @@ class TokenScoring:
         first for the voxel); ``used`` (B, n_voxels) the voxels never to draw again (or None);
         ``previous_energy`` (B,) the last energy token fed; ``can_end`` (B,) bool: rows whose
         voxel head may end the shower here (None: all); ``layer_mev`` (B, layers) each row's
-        energy per layer so far (``layer_energy``). SOS and PAD never come out.
+        energy per layer so far (``layer_energy``); ``centre_sums`` (B, 3) its energy and moments
+        so far (``centre_pull``). SOS and PAD never come out.
         """
         tok = self.tokenizer
         h = self.ln_f(h)
@@ -209,6 +232,7 @@ class TokenScoring:
             routing=routing,
             can_end=can_end,
             **self._layer_energy(layer_mev, previous_energy),
+            **self._centre(centre_sums),
         )
         le = self._energy_logits(h, routing, previous_energy, shift).float()
         le[:, tok.energy_sos] = le[:, tok.energy_pad] = float("-inf")  # no index tensors

@@ -111,6 +111,7 @@ class CaloFM(StreamInputs, TokenScoring, nn.Module):
             config.own_occupancy,
             config.layer_energy,
             config.full_rings,
+            config.centre_pull,
         )
         self.energy_head = RoutedLinear(d, energy_vocab)
         self.apply(self._init_weights)
@@ -236,7 +237,8 @@ class CaloFM(StreamInputs, TokenScoring, nn.Module):
         h = self.hidden_states(spatial, energy, cond, routing)[-1]
         used = self.used_voxels(spatial) if self.config.head_reads_used else None
         layer_mev = self.layer_mev(spatial, energy) if self.config.layer_energy else None
-        return self.logits(h, routing, energy, used, self.energy_shift(cond), layer_mev)
+        sums = self.centre_sums(spatial, energy) if self.config.centre_pull else None
+        return self.logits(h, routing, energy, used, self.energy_shift(cond), layer_mev, sums)
 
     def loss(
         self,
