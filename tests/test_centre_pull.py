@@ -64,3 +64,12 @@ def test_a_model_with_the_pull_trains_and_its_gates_get_gradients():
     loss.backward()
     for gate in (model.spatial_head.x_pull, model.spatial_head.y_pull):
         assert torch.isfinite(gate.weight.grad).all() and gate.weight.grad.abs().sum() > 0
+
+
+def test_the_tilt_stops_growing_two_cells_from_the_axis():
+    """An unclipped tilt ran away in generation (showers drifting to the grid's edge)."""
+    from calofm.model.heads import PULL_REACH, _reach
+
+    pos = _reach(30)
+    assert pos[14] == -0.5 and pos[15] == 0.5 and pos[16] == 1.5
+    assert (pos[17:] == PULL_REACH).all() and (pos[:13] == -PULL_REACH).all()

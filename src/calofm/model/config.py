@@ -86,11 +86,10 @@ class ModelConfig(FromDict):
     # generated centre's spread did not widen and the classifier AUC rose, so it stays off.
     transverse_state: bool = False
     # The x and y heads' logits also get a gated product of the shower's energy-weighted centre so
-    # far (cells from the beam axis) and each row's (column's) position: a position can tilt its
-    # next hit towards the side its own shower leans to. A gated (x - centre)^2 "pull" is this
-    # product plus a fixed x^2 pattern the sub-heads already have, and a term in x alone tilts
-    # every shower alike; fed the centre as an input (transverse_state) the network did not learn
-    # the product (needs voxel_head=factorised).
+    # far (cells from the beam axis) and each row's (column's) position, clipped at two cells
+    # (heads.PULL_REACH): a position can tilt its next hit towards the side its own shower leans
+    # to. A term in x alone tilts every shower alike; fed the centre as an input
+    # (transverse_state) the network did not learn the product (needs voxel_head=factorised).
     centre_pull: bool = False
 
     def __post_init__(self) -> None:
