@@ -94,6 +94,13 @@ ARMS = {
     "small+transverse": {**DESIGN, "relative_energy": True, "transverse_state": True},
     # the small preset, and the x and y heads tilt each position's next hit towards that lean
     "small+pull": {**DESIGN, "relative_energy": True, "centre_pull": True},
+    # ... its tilt growing up to one cell from the axis, not two
+    "small+pull-reach1": {
+        **DESIGN,
+        "relative_energy": True,
+        "centre_pull": True,
+        "centre_pull_reach": 1.0,
+    },
     # the layered head, and every position sees the mean energy per hit still to come
     "small+layered+perhit": {
         **OCCUPANCY,

@@ -68,8 +68,11 @@ def test_a_model_with_the_pull_trains_and_its_gates_get_gradients():
 
 def test_the_tilt_stops_growing_two_cells_from_the_axis():
     """An unclipped tilt ran away in generation (showers drifting to the grid's edge)."""
-    from calofm.model.heads import PULL_REACH, _reach
+    from calofm.model.heads import _reach
 
-    pos = _reach(30)
+    reach = ModelConfig().centre_pull_reach
+    pos = _reach(30, reach)
     assert pos[14] == -0.5 and pos[15] == 0.5 and pos[16] == 1.5
-    assert (pos[17:] == PULL_REACH).all() and (pos[:13] == -PULL_REACH).all()
+    assert (pos[17:] == reach).all() and (pos[:13] == -reach).all()
+    with pytest.raises(CalofmError, match="centre_pull_reach must be positive"):
+        ModelConfig(centre_pull_reach=0.0)

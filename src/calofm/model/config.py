@@ -86,14 +86,18 @@ class ModelConfig(FromDict):
     # generated centre's spread did not widen and the classifier AUC rose, so it stays off.
     transverse_state: bool = False
     # The x and y heads' logits also get a gated product of the shower's energy-weighted centre so
-    # far (cells from the beam axis) and each row's (column's) position, clipped at two cells
-    # (heads.PULL_REACH): a position can tilt its next hit towards the side its own shower leans
+    # far (cells from the beam axis) and each row's (column's) position, clipped at
+    # centre_pull_reach cells: a position can tilt its next hit towards the side its own shower leans
     # to. A term in x alone tilts every shower alike; fed the centre as an input
     # (transverse_state) the network did not learn the product. At the shipped budget the centre's
     # spread came to Geant4's at 50-90 GeV and the centre in y improved everywhere, but 10 GeV
     # showers drift in x and the classifier AUC did not move, so it stays off (needs
     # voxel_head=factorised).
     centre_pull: bool = False
+    # How far from the axis (cells) the centre pull's tilt grows. A displaced shower's halo falls
+    # off at a constant rate, so a shift tilts the far rows alike; unclipped, the tilt ran away in
+    # generation (10 GeV W showers drifted to centres up to 82 mm off the axis; Geant4 none).
+    centre_pull_reach: float = 2.0
 
     def __post_init__(self) -> None:
         if self.d_model <= 0 or self.n_heads <= 0 or self.n_blocks <= 0 or self.ffn_mult <= 0:
@@ -139,6 +143,10 @@ class ModelConfig(FromDict):
         for name in ("layer_energy", "full_rings"):
             if getattr(self, name) and not self.ring_occupancy:
                 raise CalofmError(f"model: {name} needs ring_occupancy=true (or set {name}=false)")
+        if not self.centre_pull_reach > 0:
+            raise CalofmError(
+                f"model: centre_pull_reach must be positive, got {self.centre_pull_reach}"
+            )
         if self.centre_pull and self.voxel_head != "factorised":
             raise CalofmError(
                 "model: centre_pull needs voxel_head=factorised (or set centre_pull=false)"

@@ -69,6 +69,7 @@ class FactorisedVoxelHead(nn.Module):
         layer_energy: bool = False,
         full_rings: bool = False,
         pull: bool = False,
+        pull_reach: float = 2.0,
     ):
         super().__init__()
         d = d_model
@@ -109,8 +110,8 @@ class FactorisedVoxelHead(nn.Module):
         if pull:  # the gates of the centre's products with the rows' and columns' positions
             self.x_pull = nn.Linear(d, 1)
             self.y_pull = nn.Linear(d, 1)
-            self.register_buffer("x_pos", _reach(self.nx), persistent=False)
-            self.register_buffer("y_pos", _reach(self.ny), persistent=False)
+            self.register_buffer("x_pos", _reach(self.nx, pull_reach), persistent=False)
+            self.register_buffer("y_pos", _reach(self.ny, pull_reach), persistent=False)
 
     # the three conditionals -------------------------------------------------------------------
 
@@ -314,16 +315,10 @@ class FactorisedVoxelHead(nn.Module):
             self.layer.bias[self.n_layers] = -1e9
 
 
-# How far from the beam axis (cells) a row's tilt by the shower's centre grows. A shower that leans
-# is displaced; its halo's log-density falls off at a constant rate, so shifting it tilts the far
-# rows alike. A tilt growing with the distance ran away in generation: showers of 10 GeV W photons
-# drifted to centres up to 82 mm off the axis (33 of 300 beyond 1.5 mm; Geant4 none).
-PULL_REACH = 2.0
-
-
-def _reach(n: int) -> torch.Tensor:
-    """(n,) positions of ``n`` rows (columns) from the beam axis in cells, clipped at the reach."""
-    return (torch.arange(n) - (n - 1) / 2).clamp(-PULL_REACH, PULL_REACH)
+def _reach(n: int, reach: float) -> torch.Tensor:
+    """(n,) positions of ``n`` rows (columns) from the beam axis in cells, clipped at ``reach``
+    (``ModelConfig.centre_pull_reach``)."""
+    return (torch.arange(n) - (n - 1) / 2).clamp(-reach, reach)
 
 
 def _centre(centre: torch.Tensor | None) -> torch.Tensor:
@@ -356,11 +351,22 @@ def voxel_head(
     layer_energy: bool = False,
     full_rings: bool = False,
     pull: bool = False,
+    pull_reach: float = 2.0,
 ) -> VoxelHead:
     if kind == "flat":
         return FlatVoxelHead(d_model, tokenizer, layer_of_token)
     if kind == "layered":
         return LayeredVoxelHead(d_model, tokenizer, detector)
     return FactorisedVoxelHead(
-        d_model, tokenizer, detector, occupancy, rings, centre, own, layer_energy, full_rings, pull
+        d_model,
+        tokenizer,
+        detector,
+        occupancy,
+        rings,
+        centre,
+        own,
+        layer_energy,
+        full_rings,
+        pull,
+        pull_reach,
     )

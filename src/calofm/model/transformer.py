@@ -112,6 +112,7 @@ class CaloFM(StreamInputs, TokenScoring, nn.Module):
             config.layer_energy,
             config.full_rings,
             config.centre_pull,
+            config.centre_pull_reach,
         )
         self.energy_head = RoutedLinear(d, energy_vocab)
         self.apply(self._init_weights)
