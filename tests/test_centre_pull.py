@@ -13,19 +13,20 @@ from calofm.model import ModelConfig
 from calofm.model.heads import FactorisedVoxelHead
 
 D = 16
+REACH = ModelConfig().centre_pull_reach
 
 
 def test_the_centre_pull_needs_the_factorised_head():
     with pytest.raises(CalofmError, match="centre_pull needs voxel_head=factorised"):
         ModelConfig(voxel_head="flat", centre_pull=True)
-    head = FactorisedVoxelHead(D, SMALL_TOK, SMALL_DET, pull=True)
+    head = FactorisedVoxelHead(D, SMALL_TOK, SMALL_DET, pull_reach=REACH)
     with pytest.raises(CalofmError, match="needs the shower's centre"):
         head.scores(torch.randn(2, D))
 
 
 def test_the_pull_tilts_each_row_and_column_by_the_gate_times_the_centre_times_its_position():
     torch.manual_seed(0)
-    head = FactorisedVoxelHead(D, SMALL_TOK, SMALL_DET, pull=True)
+    head = FactorisedVoxelHead(D, SMALL_TOK, SMALL_DET, pull_reach=REACH)
     h = torch.randn(3, D)
     layer, x = torch.tensor([0, 1, 2]), torch.tensor([1, 0, 2])
     centre = torch.tensor([[0.5, -1.0], [0.0, 0.0], [2.0, 0.3]])
@@ -70,9 +71,8 @@ def test_the_tilt_stops_growing_two_cells_from_the_axis():
     """An unclipped tilt ran away in generation (showers drifting to the grid's edge)."""
     from calofm.model.heads import _reach
 
-    reach = ModelConfig().centre_pull_reach
-    pos = _reach(30, reach)
+    pos = _reach(30, REACH)
     assert pos[14] == -0.5 and pos[15] == 0.5 and pos[16] == 1.5
-    assert (pos[17:] == reach).all() and (pos[:13] == -reach).all()
+    assert (pos[17:] == REACH).all() and (pos[:13] == -REACH).all()
     with pytest.raises(CalofmError, match="centre_pull_reach must be positive"):
         ModelConfig(centre_pull_reach=0.0)

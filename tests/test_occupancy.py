@@ -25,7 +25,16 @@ def occupancy_head(
 ) -> FactorisedVoxelHead:
     torch.manual_seed(seed)
     head = FactorisedVoxelHead(
-        D, SMALL_TOK, SMALL_DET, True, rings, centre, own, layer_energy, full_rings, pull
+        D,
+        SMALL_TOK,
+        SMALL_DET,
+        True,
+        rings,
+        centre,
+        own,
+        layer_energy,
+        full_rings,
+        ModelConfig().centre_pull_reach if pull else None,
     )
     gates = (head.layer_gate, head.x_gate) if own else ()
     with torch.no_grad():  # make the occupancy weights large enough to matter

@@ -68,8 +68,7 @@ class FactorisedVoxelHead(nn.Module):
         own: bool = False,
         layer_energy: bool = False,
         full_rings: bool = False,
-        pull: bool = False,
-        pull_reach: float = 2.0,
+        pull_reach: float | None = None,
     ):
         super().__init__()
         d = d_model
@@ -106,8 +105,8 @@ class FactorisedVoxelHead(nn.Module):
             if own:  # the gates of each layer's and each row's own occupancy features
                 self.layer_gate = nn.Linear(d, per_layer)
                 self.x_gate = nn.Linear(d, per_row)
-        self.pull = pull
-        if pull:  # the gates of the centre's products with the rows' and columns' positions
+        self.pull = pull_reach is not None  # ModelConfig.centre_pull(_reach)
+        if pull_reach is not None:  # the gates of the centre's products with the positions
             self.x_pull = nn.Linear(d, 1)
             self.y_pull = nn.Linear(d, 1)
             self.register_buffer("x_pos", _reach(self.nx, pull_reach), persistent=False)
@@ -350,8 +349,7 @@ def voxel_head(
     own: bool = False,
     layer_energy: bool = False,
     full_rings: bool = False,
-    pull: bool = False,
-    pull_reach: float = 2.0,
+    pull_reach: float | None = None,
 ) -> VoxelHead:
     if kind == "flat":
         return FlatVoxelHead(d_model, tokenizer, layer_of_token)
@@ -367,6 +365,5 @@ def voxel_head(
         own,
         layer_energy,
         full_rings,
-        pull,
         pull_reach,
     )

@@ -111,8 +111,7 @@ class CaloFM(StreamInputs, TokenScoring, nn.Module):
             config.own_occupancy,
             config.layer_energy,
             config.full_rings,
-            config.centre_pull,
-            config.centre_pull_reach,
+            config.centre_pull_reach if config.centre_pull else None,
         )
         self.energy_head = RoutedLinear(d, energy_vocab)
         self.apply(self._init_weights)
