@@ -109,6 +109,10 @@ ARMS = {
         "energy_left_per_hit": True,
     },
 }
+# Arms that change the training, not the model: their TrainConfig settings.
+TRAINING = {"small+self-drawn": {"self_drawn_energy": 0.25}}
+# the small preset, trained feeding a quarter of the hits' energies from its own draws
+ARMS["small+self-drawn"] = ARMS["small"]
 CLASSES = {"G4_W:gamma": "W", "G4_Ta:gamma": "Ta"}
 HEADLINE = ("energy_sum", "response", "n_hits", "cog_z", "cog_x", "energy_per_layer")
 
@@ -162,6 +166,7 @@ def run_arm(name: str, args: argparse.Namespace, classes: list, train_set, val_s
         warmup_steps=defaults.warmup_steps,
         seed=args.seed,
         checkpoint_minutes=1e6,
+        **TRAINING.get(name, {}),
     )
     t0 = time.time()
     summary_file = work / "model" / "training.json"
@@ -189,6 +194,7 @@ def run_arm(name: str, args: argparse.Namespace, classes: list, train_set, val_s
     entry: dict = {
         "arm": name,
         "model_config": config,
+        "training": TRAINING.get(name, {}),
         "parameters": model.n_parameters(),
         "minutes": args.minutes,
         "max_steps": args.max_steps,

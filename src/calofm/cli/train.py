@@ -10,6 +10,7 @@ from calofm.cli._args import (
     add_optimisation_options,
     add_selection_options,
     command_line,
+    fraction,
     incident_energy,
     positive_int,
     stop_on_signal,
@@ -56,6 +57,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         what="a model",
         defaults={},
     )
+    opt.add_argument(
+        "--self-drawn-energy",
+        type=fraction,
+        default=0.0,
+        metavar="SHARE",
+        help="feed this share of the hits' energy tokens from the model's own draws instead of "
+        "the shower's (default 0: teacher forcing)",
+    )
     size = opt.add_mutually_exclusive_group()
     size.add_argument("--batch-size", type=positive_int, help="showers per optimizer step")
     size.add_argument("--batch-tokens", type=positive_int, help="padded tokens per step and stream")
@@ -94,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
         warmup_steps=defaults.warmup_steps if args.warmup is None else args.warmup,
         seed=args.seed,
         amp=args.amp,
+        self_drawn_energy=args.self_drawn_energy,
     )
     out_plan = plan_run_dir(
         args.out,

@@ -156,9 +156,11 @@ class TokenScoring:
         energy_full: torch.Tensor,
         routing: Routing,
         shift: torch.Tensor | None = None,
+        fed_energy: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(spatial NLL, energy NLL) in nats per token of full (B, T+1) sequences, from the last
-        block's outputs ``h`` (B, T, d) at their first T tokens.
+        block's outputs ``h`` (B, T, d) at their first T tokens (the energies fed there:
+        ``fed_energy``, by default the shower's own).
 
         PAD targets are ignored; with ``single_stop`` the energy stream's EOS targets count zero
         nats (the voxel head predicts the end), so both NLLs stay means over the same target
@@ -168,7 +170,8 @@ class TokenScoring:
         previous one: the distributions sampled.
         """
         tok = self.tokenizer
-        inputs_s, inputs_e = spatial_full[:, :-1], energy_full[:, :-1]
+        inputs_s = spatial_full[:, :-1]
+        inputs_e = energy_full[:, :-1] if fed_energy is None else fed_energy
         targets_s, targets_e = spatial_full[:, 1:], energy_full[:, 1:]
         h = self.ln_f(h)
         history = inputs_s if self.config.exclude_used_voxels else None

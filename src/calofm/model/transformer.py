@@ -246,20 +246,55 @@ class CaloFM(StreamInputs, TokenScoring, nn.Module):
         energy_full: torch.Tensor,
         cond: Conditions | torch.Tensor,
         class_id: torch.Tensor,
+        fed_energy: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(total, spatial NLL, energy NLL) in nats per token on full (B, T+1) sequences.
 
         With shower totals every position is conditioned on the totals the shower's tokens have;
         the totals model itself is fitted apart (``calofm.training.totals``). The NLLs are those of
-        the distributions sampled (``TokenScoring._nll``).
+        the distributions sampled (``TokenScoring._nll``). ``fed_energy`` (B, T): the energy
+        tokens fed at the T positions, where they are not the shower's own (``energy_draws``);
+        the targets stay the shower's.
         """
         routing = self.routing(class_id)
-        cond = Conditions.of(cond)
-        if self.totals is not None:  # conditioned on the totals the shower's tokens have
-            cond = cond.with_totals(*self.totals_of(spatial_full[:, 1:], energy_full[:, 1:]))
-        h = self.hidden_states(spatial_full[:, :-1], energy_full[:, :-1], cond, routing)[-1]
-        nll_s, nll_e = self._nll(h, spatial_full, energy_full, routing, self.energy_shift(cond))
+        cond = self._own_totals(Conditions.of(cond), spatial_full, energy_full)
+        fed = energy_full[:, :-1] if fed_energy is None else fed_energy
+        h = self.hidden_states(spatial_full[:, :-1], fed, cond, routing)[-1]
+        nll_s, nll_e = self._nll(
+            h, spatial_full, energy_full, routing, self.energy_shift(cond), fed
+        )
         return nll_s + nll_e, nll_s, nll_e
+
+    @torch.no_grad()
+    def energy_draws(
+        self,
+        spatial_full: torch.Tensor,
+        energy_full: torch.Tensor,
+        cond: Conditions | torch.Tensor,
+        class_id: torch.Tensor,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """(B, T) an energy bin drawn at every position of full (B, T+1) sequences, each from the
+        distribution the position predicts with the shower's own tokens before it (as ``loss``
+        sees them): what the model would have fed itself there. Regular bins only, at temperature
+        1; a training step feeds some of them back (``TrainConfig.self_drawn_energy``).
+        """
+        routing = self.routing(class_id)
+        cond = self._own_totals(Conditions.of(cond), spatial_full, energy_full)
+        fed = energy_full[:, :-1]
+        h = self.ln_f(self.hidden_states(spatial_full[:, :-1], fed, cond, routing)[-1])
+        logits = self._energy_logits(h, routing, fed, self.energy_shift(cond)).float()
+        logits[..., self.tokenizer.n_bins :] = float("-inf")
+        probs = torch.softmax(logits, dim=-1).flatten(0, 1)
+        return torch.multinomial(probs, 1, generator=generator).view(fed.shape)
+
+    def _own_totals(
+        self, cond: Conditions, spatial_full: torch.Tensor, energy_full: torch.Tensor
+    ) -> Conditions:
+        """With shower totals, ``cond`` with the totals the shower's tokens have."""
+        if self.totals is None:
+            return cond
+        return cond.with_totals(*self.totals_of(spatial_full[:, 1:], energy_full[:, 1:]))
 
     # ---- KV-cache decoding ---------------------------------------------------------------------
 

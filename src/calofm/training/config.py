@@ -20,6 +20,9 @@ class TrainConfig(FromDict):
     time limit the schedule therefore follows wall time, and a run is reproducible only without.
     ``batch_size`` (showers) or ``batch_tokens`` (padded tokens per stream) is the *global* batch,
     split over all processes, so results do not depend on the number of processes.
+    ``self_drawn_energy``: the share of the hits whose energy token a step feeds from the model's
+    own draw instead of the shower's (``CaloFM.energy_draws``): teacher forcing never shows the
+    model the energies it draws itself, which generation feeds it.
     """
 
     config_name: ClassVar[str] = "training"
@@ -41,6 +44,7 @@ class TrainConfig(FromDict):
     pool_batches: int = 64
     log_every: int = 10
     checkpoint_minutes: float = 10.0
+    self_drawn_energy: float = 0.0
 
     def __post_init__(self) -> None:
         if self.epochs is None and self.max_steps is None and self.time_limit_min is None:
@@ -55,6 +59,10 @@ class TrainConfig(FromDict):
             raise CalofmError("training: the time limit must be positive")
         if self.lr <= 0 or not 0 < self.min_lr_ratio <= 1 or self.warmup_steps < 0:
             raise CalofmError("training: need lr > 0, 0 < min_lr_ratio <= 1 and warmup >= 0")
+        if not 0 <= self.self_drawn_energy < 1:
+            raise CalofmError(
+                f"training: self_drawn_energy is a share in [0, 1), got {self.self_drawn_energy}"
+            )
         if min(self.grad_clip, self.log_every, self.pool_batches, self.checkpoint_minutes) <= 0:
             raise CalofmError(
                 "training: grad_clip, log_every, pool_batches and checkpoint_minutes must be "

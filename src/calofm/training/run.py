@@ -36,6 +36,7 @@ from calofm.training.steps import (
     loss_module,
     make_optimizer,
     run_signature,
+    self_drawn_energies,
 )
 from calofm.training.totals import fit_trainable_totals
 
@@ -166,7 +167,12 @@ class Run:
             group["lr"] = self.lr
         b = batch_on(self.train_set, part, env.device)
         with autocast(env.device, self.config.amp):
-            losses = self.net(b["spatial"], b["energy"], b["incident"], b["class_id"])
+            fed = None
+            if self.config.self_drawn_energy:
+                fed = self_drawn_energies(
+                    self.model, b, self.config.self_drawn_energy, self._generator(s.step)
+                )
+            losses = self.net(b["spatial"], b["energy"], b["incident"], b["class_id"], fed)
         # Each process's loss is a mean over its own tokens; weighting by its token share
         # makes DDP's average the mean over the global batch's tokens.
         (losses[0] * (n_local * env.world_size / n_global)).backward()
@@ -180,6 +186,13 @@ class Run:
         self.interval.add(losses, n_local)
         self.run_tokens += n_local
         self.bar.update(1)
+
+    def _generator(self, step: int) -> torch.Generator:
+        """The random stream of one step on this process: a function of the seed, the step and
+        the rank, so a resumed run draws what the uninterrupted one would have."""
+        entropy = np.random.SeedSequence([self.config.seed, step, self.env.rank])
+        seed = int(entropy.generate_state(1, np.uint64)[0]) >> 1
+        return torch.Generator(self.env.device).manual_seed(seed)
 
     def _check_finite(self) -> None:
         """Refuse to go on (and to write anything) after a non-finite gradient."""

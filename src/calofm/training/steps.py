@@ -23,8 +23,8 @@ class LossModule(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, spatial, energy, incident, class_id):
-        return self.model.loss(spatial, energy, incident, class_id)
+    def forward(self, spatial, energy, incident, class_id, fed_energy=None):
+        return self.model.loss(spatial, energy, incident, class_id, fed_energy)
 
 
 def loss_module(model: nn.Module, env: distributed.DistEnv) -> nn.Module:
@@ -43,6 +43,25 @@ def loss_module(model: nn.Module, env: distributed.DistEnv) -> nn.Module:
             find_unused_parameters=True,
         )
     return net
+
+
+def self_drawn_energies(
+    model: nn.Module, batch: dict[str, torch.Tensor], share: float, generator: torch.Generator
+) -> torch.Tensor:
+    """The energy tokens a step feeds (B, T): the shower's own, with each hit's replaced by the
+    model's draw at that position (``CaloFM.energy_draws``) with probability ``share``.
+
+    The start token and the tokens past a shower's last hit are always the shower's own.
+    """
+    spatial, energy = batch["spatial"], batch["energy"]
+    fed = energy[:, :-1]
+    draws = model.energy_draws(spatial, energy, batch["incident"], batch["class_id"], generator)
+    hit = torch.zeros_like(fed, dtype=torch.bool)
+    hit[:, 1:] = fed[:, 1:] < model.tokenizer.n_bins
+    chosen = hit & (torch.rand(fed.shape, generator=generator, device=fed.device) < share)
+    # the token fed at position j is the one position j - 1 predicts
+    drawn = torch.cat([fed[:, :1], draws[:, :-1]], dim=1)
+    return torch.where(chosen, drawn, fed)
 
 
 def batch_plan(
