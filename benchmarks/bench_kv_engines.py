@@ -33,7 +33,7 @@ import torch
 from calofm.files import atomic_output
 from calofm.generation.bench_presets import PRESET_TOKENIZERS
 from calofm.generation.step_timing import StepRunner, StepTimes, median_time, random_model
-from calofm.model.experts import prepacked
+from calofm.model.linear import prepacked
 
 PROBES = [0, 250, 500, 750, 999]
 ENGINES = ("eager", "compile")

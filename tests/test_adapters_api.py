@@ -3,6 +3,8 @@ exact, save_model refuses it, and a particle adapter merges into a plain model."
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 from test_adapters import BASE, PB_GAMMA, W_ELECTRON, assert_equal, base_model, logits, trained
@@ -10,6 +12,7 @@ from test_adapters import BASE, PB_GAMMA, W_ELECTRON, assert_equal, base_model, 
 from calofm.adapters import AdaptedModel, AdapterConfig
 from calofm.errors import CalofmError
 from calofm.model import load_model, model_hash, save_model
+from calofm.model.experts import RowRouted
 
 W_ELECTRON_LORA = AdapterConfig(
     particle="e-", rank=4, alpha=8.0, class_name="G4_W:e-", init_from="G4_W:gamma"
@@ -118,3 +121,30 @@ def test_a_merged_lora_model_gives_the_logits_of_the_unmerged_one(tmp_path):
     bottlenecked = trained(base_model(), W_ELECTRON)
     with pytest.raises(CalofmError, match="cannot be merged into a plain model"):
         bottlenecked.merge_lora("G4_W:e-")
+
+
+def _takes_routing(module: torch.nn.Module) -> bool:
+    """Whether any of the module's operations has a ``routing`` parameter."""
+    ops = ("forward", "scores", "log_prob", "sample", "mixture")
+    return any(
+        "routing" in inspect.signature(getattr(module, op)).parameters
+        for op in ops
+        if callable(getattr(module, op, None))
+    )
+
+
+def test_only_row_routed_modules_take_the_routing_and_the_base_heads_are_plain():
+    """Of the modules that act on rows, one takes the routing exactly when it declares itself
+    row-routed: the base model's projections and heads take none; an adapted model's LoRA and
+    particle heads do. The blocks and their attention take it only to hand it on."""
+    passing_on = {"Block", "Attention"}
+    base = base_model()
+    takers = {type(m).__name__ for m in base.modules() if _takes_routing(m)}
+    assert takers == {"Experts", "ShowerTotals"} | passing_on
+    adapted = trained(base_model(), PB_GAMMA, W_ELECTRON)
+    for model in (base, adapted.base):
+        for name, m in model.named_modules():
+            if type(m).__name__ not in passing_on:
+                assert _takes_routing(m) == isinstance(m, RowRouted), name
+    wrapped = {type(m).__name__ for m in adapted.base.modules() if isinstance(m, RowRouted)}
+    assert {"LoRALinear", "RoutedHead", "RoutedVoxelHead", "EmbeddingAdapters"} <= wrapped

@@ -20,7 +20,7 @@ from calofm.generation.sampler import SamplingConfig
 from calofm.model import CaloFM
 from calofm.model.conditions import Conditions
 from calofm.model.config import preset
-from calofm.model.experts import RoutedLinear, can_prepack, prepacked
+from calofm.model.linear import Linear, can_prepack, prepacked
 from calofm.model.sampling import BLOCK, _inverse_cdf
 from calofm.tokens import TokenizerConfig
 
@@ -198,7 +198,7 @@ def test_compiled_step_with_packed_heads_draws_the_tokens_of_the_eager_step(
 
     if shutil.which("g++") is None and shutil.which("c++") is None:
         pytest.skip("inductor needs a C++ compiler")
-    monkeypatch.setattr("calofm.model.experts.PACK_MIN_WEIGHTS", 1000)  # the tiny heads too
+    monkeypatch.setattr("calofm.model.linear.PACK_MIN_WEIGHTS", 1000)  # the tiny heads too
     model = tiny_model(paper_design=paper_design)
     model.spatial_head.never_end()
     assert can_prepack(model.spatial_head if paper_design else model.energy_head)
@@ -315,7 +315,7 @@ def test_finished_rows_stop_advancing_and_free_their_slots():
 
 
 def test_prepacked_heads_give_the_logits_of_plain_ones_and_are_dropped_after():
-    layer = RoutedLinear(256, 5000).eval()
+    layer = Linear(256, 5000).eval()
     if not can_prepack(layer):
         pytest.skip("oneDNN weight packing is not available in this torch build")
     x = torch.randn(16, 1, 256)
@@ -326,7 +326,7 @@ def test_prepacked_heads_give_the_logits_of_plain_ones_and_are_dropped_after():
             assert n == 1 and layer.packed is not None
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert layer.packed is None
-    small = RoutedLinear(64, 64)
+    small = Linear(64, 64)
     with prepacked(small, 4) as n:
         assert n == 0 and small.packed is None  # small layers are faster unpacked
 
@@ -338,7 +338,7 @@ def test_compiled_prepacked_layer_gives_the_products_of_a_plain_one(rows):
 
     if shutil.which("g++") is None and shutil.which("c++") is None:
         pytest.skip("inductor needs a C++ compiler")
-    layer = RoutedLinear(256, 5000).eval()
+    layer = Linear(256, 5000).eval()
     if not can_prepack(layer):
         pytest.skip("oneDNN weight packing is not available in this torch build")
     x = torch.randn(rows, 1, 256)

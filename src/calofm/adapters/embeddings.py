@@ -14,7 +14,7 @@ from torch import nn
 
 from calofm.adapters.rows import Sites, active, add_rows, take
 from calofm.errors import CalofmError
-from calofm.model.experts import Routing
+from calofm.model.experts import Routing, RowRouted
 from calofm.model.transformer import CaloFM
 
 
@@ -50,7 +50,7 @@ class LayerEmbedShift(nn.Module):
         self.table = nn.Parameter(torch.zeros(n_layers + 1, d))
 
 
-class EmbeddingAdapters(nn.Module):
+class EmbeddingAdapters(nn.Module, RowRouted):
     """Per-particle bottlenecks and per-class layer shifts of the embedded streams.
 
     Gets the spatial and energy streams (B, t, d), the incident embedding (B, 1, d) (None on decode

@@ -17,8 +17,9 @@ from torch import nn
 
 from calofm.adapters.rows import Sites, active
 from calofm.errors import CalofmError
-from calofm.model.experts import RoutedLinear, Routing
+from calofm.model.experts import Routing, RowRouted
 from calofm.model.heads import VoxelHead
+from calofm.model.linear import Linear
 from calofm.model.transformer import CaloFM
 
 
@@ -31,9 +32,9 @@ class ParticleHead(nn.Linear):
         self.weight = nn.Parameter(base.weight.detach().clone())
         self.bias = nn.Parameter(base.bias.detach().clone())
 
-    def merged(self) -> RoutedLinear:
+    def merged(self) -> Linear:
         """A plain energy head with this head's weights (for every row)."""
-        out = RoutedLinear(self.in_features, self.out_features).to(self.weight)
+        out = Linear(self.in_features, self.out_features).to(self.weight)
         out.load_state_dict(self.state_dict())
         return out
 
@@ -57,10 +58,10 @@ class LayerLogitBias(nn.Module):
         self.bias = nn.Parameter(torch.zeros(n_layers))
 
 
-class RoutedHead(RoutedLinear):
+class RoutedHead(Linear, RowRouted):
     """The base energy head (the same parameters) plus particle heads."""
 
-    def __init__(self, base: RoutedLinear, off: set[str]):
+    def __init__(self, base: Linear, off: set[str]):
         nn.Module.__init__(self)
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias
@@ -70,9 +71,7 @@ class RoutedHead(RoutedLinear):
     def _base(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
 
-    def forward(self, x: torch.Tensor, routing: Routing | None = None) -> torch.Tensor:
-        if routing is None:
-            return self._base(x)
+    def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         heads = dict(active(routing.by_particle, self.particle, self.off))
         if not heads:
             return self._base(x)
@@ -81,7 +80,7 @@ class RoutedHead(RoutedLinear):
         )
 
 
-class RoutedVoxelHead(nn.Module):
+class RoutedVoxelHead(nn.Module, RowRouted):
     """The base voxel head plus particle heads and per-class layer biases, rows routed to each.
 
     The base head's parameters and sub-modules are registered here under their own names, so the
@@ -104,10 +103,8 @@ class RoutedVoxelHead(nn.Module):
     def base(self) -> VoxelHead:
         return self._base[0]
 
-    def _layer_bias(self, routing: Routing | None) -> torch.Tensor | None:
+    def _layer_bias(self, routing: Routing) -> torch.Tensor | None:
         """(B, layers) bias of each row's class, or None when no class of the batch has one."""
-        if routing is None:
-            return None
         found = active(routing.by_class, self.layer_bias, self.off, routing.classes)
         if not found:
             return None
@@ -122,14 +119,12 @@ class RoutedVoxelHead(nn.Module):
 
     def _routed(
         self,
-        routing: Routing | None,
+        routing: Routing,
         fn: Callable[..., torch.Tensor],
         *tensors: torch.Tensor | None,
     ) -> torch.Tensor:
         """``fn(head, *rows of tensors)`` with each particle's rows on its head."""
-        heads = (
-            {} if routing is None else dict(active(routing.by_particle, self.particle, self.off))
-        )
+        heads = dict(active(routing.by_particle, self.particle, self.off))
         if not heads:
             return fn(self.base, *tensors)
         return routing.by_particle.apply_many(
@@ -139,8 +134,8 @@ class RoutedVoxelHead(nn.Module):
     def scores(
         self,
         h: torch.Tensor,
-        layer_bias: torch.Tensor | None = None,
-        routing: Routing | None = None,
+        *,
+        routing: Routing,
         used: torch.Tensor | None = None,
         energy: torch.Tensor | None = None,
         centre: torch.Tensor | None = None,
@@ -164,8 +159,8 @@ class RoutedVoxelHead(nn.Module):
         h: torch.Tensor,
         target: torch.Tensor,
         history: torch.Tensor | None = None,
-        layer_bias: torch.Tensor | None = None,
-        routing: Routing | None = None,
+        *,
+        routing: Routing,
         energy: torch.Tensor | None = None,
         centre: torch.Tensor | None = None,
     ) -> torch.Tensor:
@@ -188,8 +183,8 @@ class RoutedVoxelHead(nn.Module):
         temperature: float | torch.Tensor,
         top_k: int | None = None,
         top_p: float | None = None,
-        layer_bias: torch.Tensor | None = None,
-        routing: Routing | None = None,
+        *,
+        routing: Routing,
         can_end: torch.Tensor | None = None,
         energy: torch.Tensor | None = None,
         centre: torch.Tensor | None = None,

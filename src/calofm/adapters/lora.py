@@ -16,7 +16,8 @@ from torch import nn
 
 from calofm.adapters.rows import Sites, active, add_rows, take
 from calofm.errors import CalofmError
-from calofm.model.experts import RoutedLinear, Routing
+from calofm.model.experts import Routing, RowRouted
+from calofm.model.linear import Linear
 from calofm.model.transformer import CaloFM
 
 PROJECTIONS = ("wq", "wk", "wv", "wo")
@@ -45,27 +46,27 @@ class LoRA(nn.Module):
         return (self.B @ self.A) * self.scale
 
 
-class LoRALinear(RoutedLinear):
+class LoRALinear(Linear, RowRouted):
     """A base projection (the same parameters) plus one LoRA per particle."""
 
-    def __init__(self, base: RoutedLinear, off: set[str]):
+    def __init__(self, base: Linear, off: set[str]):
         nn.Module.__init__(self)
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias
         self.lora = nn.ModuleDict()
         self.off = off
 
-    def forward(self, x: torch.Tensor, routing: Routing | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
-        if routing is None or not len(self.lora):
+        if not len(self.lora):
             return y
         for particle, rows in active(routing.by_particle, self.lora, self.off):
             y = add_rows(y, rows, self.lora[particle](take(x, rows)))
         return y
 
-    def merged(self, particle: str) -> RoutedLinear:
+    def merged(self, particle: str) -> Linear:
         """A plain projection with ``particle``'s LoRA folded into its weight (for every row)."""
-        out = RoutedLinear(self.in_features, self.out_features).to(self.weight)
+        out = Linear(self.in_features, self.out_features).to(self.weight)
         with torch.no_grad():
             out.weight.copy_(self.weight + self.lora[particle].delta_weight())
             out.bias.copy_(self.bias)

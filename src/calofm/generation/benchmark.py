@@ -41,7 +41,7 @@ from calofm.generation.step_timing import (
     median_time,
     random_model,
 )
-from calofm.model.experts import prepacked
+from calofm.model.linear import prepacked
 
 
 @dataclass(frozen=True)

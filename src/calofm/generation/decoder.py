@@ -42,7 +42,7 @@ import torch
 from calofm.errors import CalofmError
 from calofm.generation.sampler import SamplingConfig
 from calofm.model.conditions import Conditions
-from calofm.model.experts import prepacked
+from calofm.model.linear import prepacked
 from calofm.model.transformer import CaloFM
 
 ENGINES = ("eager", "compile", "graphs")

@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from calofm.model.config import ModelConfig
-from calofm.model.experts import RoutedLinear, Routing
+from calofm.model.experts import Routing, routing_for
 from calofm.model.kv_cache import KVCache
+from calofm.model.linear import Linear
 
 
 class RotaryEmbedding(nn.Module):
@@ -60,11 +61,16 @@ class Attention(nn.Module):
         super().__init__()
         d = config.d_model
         self.n_heads, self.head_dim = config.n_heads, config.head_dim
-        self.wq = RoutedLinear(d, d)
-        self.wk = RoutedLinear(d, d)
-        self.wv = RoutedLinear(d, d)
-        self.wo = RoutedLinear(d, d)
+        self.wq = Linear(d, d)
+        self.wk = Linear(d, d)
+        self.wv = Linear(d, d)
+        self.wo = Linear(d, d)
         self.kv_cache: KVCache | None = None
+
+    @staticmethod
+    def _project(layer: nn.Module, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """A projection of ``x``; a row-routed one (an adapter's LoRA) is handed the routing."""
+        return layer(x, **routing_for(layer, routing))
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
@@ -85,9 +91,9 @@ class Attention(nn.Module):
         """
         b, t, d = x_q.shape
         cos, sin = rope
-        q = apply_rope(self._heads(self.wq(x_q, routing)), cos, sin)
-        k = apply_rope(self._heads(self.wk(x_kv, routing)), cos, sin)
-        v = self._heads(self.wv(x_kv, routing))
+        q = apply_rope(self._heads(self._project(self.wq, x_q, routing)), cos, sin)
+        k = apply_rope(self._heads(self._project(self.wk, x_kv, routing)), cos, sin)
+        v = self._heads(self._project(self.wv, x_kv, routing))
         start = 0
         if cache_pos is not None:
             assert self.kv_cache is not None, "call setup_cache before decoding with a cache"
@@ -102,7 +108,7 @@ class Attention(nn.Module):
             queries = torch.arange(start, start + t, device=q.device)
             mask = keys[None, :] <= queries[:, None]
             y = attend(q, k, v, attn_mask=mask)
-        return self.wo(y.transpose(1, 2).reshape(b, t, d), routing)
+        return self._project(self.wo, y.transpose(1, 2).reshape(b, t, d), routing)
 
     def step(
         self,
@@ -120,10 +126,10 @@ class Attention(nn.Module):
         """
         b, _, d = x_q.shape
         cos, sin = rope
-        q = apply_rope(self._heads(self.wq(x_q, routing)), cos, sin)
-        k = apply_rope(self._heads(self.wk(x_kv, routing)), cos, sin)
-        v = self._heads(self.wv(x_kv, routing))
+        q = apply_rope(self._heads(self._project(self.wq, x_q, routing)), cos, sin)
+        k = apply_rope(self._heads(self._project(self.wk, x_kv, routing)), cos, sin)
+        v = self._heads(self._project(self.wv, x_kv, routing))
         assert self.kv_cache is not None, "call setup_cache before decoding with a cache"
         keys, values = self.kv_cache.write_rows(pos, k, v, mask.shape[-1])
         y = attend(q, keys, values, attn_mask=mask)
-        return self.wo(y.transpose(1, 2).reshape(b, 1, d), routing)
+        return self._project(self.wo, y.transpose(1, 2).reshape(b, 1, d), routing)

@@ -6,13 +6,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from calofm.model.experts import RoutedLinear, Routing
+from calofm.model.linear import Linear
 from calofm.model.sampling import sample
 from calofm.model.voxel_parts import causal_history, excluded_log_norm
 from calofm.tokens import TokenizerConfig
 
 
-class FlatVoxelHead(RoutedLinear):
+class FlatVoxelHead(Linear):
     """One logit per spatial token (the paper's head)."""
 
     def __init__(self, d_model: int, tokenizer: TokenizerConfig, layer_of_token: torch.Tensor):
@@ -29,9 +29,8 @@ class FlatVoxelHead(RoutedLinear):
         self,
         h: torch.Tensor,
         layer_bias: torch.Tensor | None = None,
-        routing: Routing | None = None,
     ) -> torch.Tensor:
-        y = RoutedLinear.forward(self, h)  # prepacked weights while decoding on a CPU
+        y = Linear.forward(self, h)  # prepacked weights while decoding on a CPU
         if layer_bias is not None:
             layers = self.layer_of_token.to(y.device)  # a buffer a routed wrapper does not move
             bias = F.pad(layer_bias, (0, 1))[:, layers].to(y.dtype)
@@ -44,7 +43,6 @@ class FlatVoxelHead(RoutedLinear):
         target: torch.Tensor,
         history: torch.Tensor | None = None,
         layer_bias: torch.Tensor | None = None,
-        routing: Routing | None = None,
     ) -> torch.Tensor:
         lp = torch.log_softmax(self.scores(h, layer_bias).float(), dim=-1)
         out = lp.gather(-1, target.clamp(max=lp.shape[-1] - 1)[..., None])[..., 0]
@@ -64,7 +62,6 @@ class FlatVoxelHead(RoutedLinear):
         top_k: int | None = None,
         top_p: float | None = None,
         layer_bias: torch.Tensor | None = None,
-        routing: Routing | None = None,
         can_end: torch.Tensor | None = None,
     ) -> torch.Tensor:
         logits = self.scores(h, layer_bias).float()

@@ -19,8 +19,8 @@ layer biases) in ``calofm.adapters.heads``:
 What the factorised head's sub-heads see of the shower so far is ``calofm.model.occupancy``'s.
 
 ``layer_bias`` (B, layers), where given, is added to every voxel's logit by its layer (flat) or to
-the layer logits (factorised): the per-class conditioning adapter moves hits between layers. The
-base heads ignore ``routing``; the adapters' wrappers use it.
+the layer logits (factorised): the per-class conditioning adapter moves hits between layers. A
+base head acts on every row alike and takes no routing; the adapters' wrappers are row-routed.
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ from torch import nn
 
 from calofm.detector import DetectorConfig
 from calofm.errors import CalofmError
-from calofm.model.experts import Routing
 from calofm.model.flat_head import FlatVoxelHead
 from calofm.model.layered_head import LayeredVoxelHead
 from calofm.model.occupancy import Occupancy, OccupancyFeatures
@@ -188,7 +187,6 @@ class FactorisedVoxelHead(nn.Module):
         target: torch.Tensor,
         history: torch.Tensor | None = None,
         layer_bias: torch.Tensor | None = None,
-        routing: Routing | None = None,
         energy: torch.Tensor | None = None,
         centre: torch.Tensor | None = None,
     ) -> torch.Tensor:
@@ -225,7 +223,6 @@ class FactorisedVoxelHead(nn.Module):
         self,
         h: torch.Tensor,
         layer_bias: torch.Tensor | None = None,
-        routing: Routing | None = None,
         used: torch.Tensor | None = None,
         energy: torch.Tensor | None = None,
         centre: torch.Tensor | None = None,
@@ -268,7 +265,6 @@ class FactorisedVoxelHead(nn.Module):
         top_k: int | None = None,
         top_p: float | None = None,
         layer_bias: torch.Tensor | None = None,
-        routing: Routing | None = None,
         can_end: torch.Tensor | None = None,
         energy: torch.Tensor | None = None,
         centre: torch.Tensor | None = None,

@@ -18,7 +18,6 @@ from torch import nn
 
 from calofm.detector import DetectorConfig
 from calofm.errors import CalofmError
-from calofm.model.experts import Routing
 from calofm.model.sampling import sample
 from calofm.model.voxel_parts import (
     add_layer_bias,
@@ -78,7 +77,6 @@ class LayeredVoxelHead(nn.Module):
         target: torch.Tensor,
         history: torch.Tensor | None = None,
         layer_bias: torch.Tensor | None = None,
-        routing: Routing | None = None,
     ) -> torch.Tensor:
         """log P(target) per position; with ``history`` the cells the shower already has in the
         target's layer leave that layer's (x, y) distribution. Without it: an empty shower."""
@@ -107,7 +105,6 @@ class LayeredVoxelHead(nn.Module):
         self,
         h: torch.Tensor,
         layer_bias: torch.Tensor | None = None,
-        routing: Routing | None = None,
         used: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """log P of every spatial token (SOS and PAD at -inf) given the ``used`` voxels
@@ -132,7 +129,6 @@ class LayeredVoxelHead(nn.Module):
         top_k: int | None = None,
         top_p: float | None = None,
         layer_bias: torch.Tensor | None = None,
-        routing: Routing | None = None,
         can_end: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The layer, then the cell in it (the first two uniforms of ``u``); full layers and

@@ -14,7 +14,7 @@ from calofm.detector import DetectorConfig
 from calofm.errors import CalofmError
 from calofm.model.conditions import Conditions
 from calofm.model.config import ModelConfig
-from calofm.model.experts import RoutedLinear, Routing
+from calofm.model.experts import Routing, routing_for
 from calofm.model.relative_energy import RelativeBins
 from calofm.model.sampling import sample
 from calofm.tokens import TokenizerConfig
@@ -27,7 +27,7 @@ class TokenScoring:
     tokenizer: TokenizerConfig
     ln_f: nn.LayerNorm
     spatial_head: nn.Module
-    energy_head: RoutedLinear
+    energy_head: nn.Module
     energy_ids: torch.Tensor
     bin_mev: torch.Tensor
     geometry: torch.Tensor
@@ -60,7 +60,7 @@ class TokenScoring:
         ``shift`` (B,) the rows' ``energy_shift`` (relative energies: the head's bins are counted
         from it, the logits returned are over absolute bins).
         """
-        logits = self.energy_head(h, routing)
+        logits = self.energy_head(h, **routing_for(self.energy_head, routing))
         if self.relative is not None:
             if shift is None:
                 raise CalofmError("model: relative energies need each row's energy_shift")
@@ -137,10 +137,11 @@ class TokenScoring:
         (B, t, 3) its energy and moments (``centre_pull``)."""
         h = self.ln_f(h)
         extra = self._layer_energy(layer_mev, previous_energy) | self._centre(centre_sums)
+        extra |= routing_for(self.spatial_head, routing)
         if used is None:
-            spatial = self.spatial_head.scores(h, routing=routing, **extra)
+            spatial = self.spatial_head.scores(h, **extra)
         else:
-            spatial = self.spatial_head.scores(h, routing=routing, used=used, **extra)
+            spatial = self.spatial_head.scores(h, used=used, **extra)
         return spatial, self._energy_logits(h, routing, previous_energy, shift)
 
     def used_voxels(self, spatial: torch.Tensor) -> torch.Tensor:
@@ -180,7 +181,8 @@ class TokenScoring:
             extra = self._layer_energy(self.layer_mev(inputs_s, inputs_e), inputs_e)
         if self.config.centre_pull:
             extra |= self._centre(self.centre_sums(inputs_s, inputs_e))
-        log_p = self.spatial_head.log_prob(h, targets_s, history, routing=routing, **extra)
+        extra |= routing_for(self.spatial_head, routing)
+        log_p = self.spatial_head.log_prob(h, targets_s, history, **extra)
         real = targets_s != tok.spatial_pad
         nll_s = -torch.where(real, log_p, torch.zeros_like(log_p)).sum() / real.sum().clamp(min=1)
         le = self._energy_logits(h, routing, inputs_e, shift)
@@ -232,7 +234,7 @@ class TokenScoring:
             temperature,
             top_k,
             top_p,
-            routing=routing,
+            **routing_for(self.spatial_head, routing),
             can_end=can_end,
             **self._layer_energy(layer_mev, previous_energy),
             **self._centre(centre_sums),

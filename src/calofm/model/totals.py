@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from calofm.model.experts import Routing
+from calofm.model.experts import Routing, RowRouted
 
 # Parameters per mixture component: one weight logit, two means, three Cholesky entries.
 _PER_COMPONENT = 6
@@ -46,7 +46,7 @@ class TotalsNet(nn.Module):
         return self.mlp(features)
 
 
-class ShowerTotals(nn.Module):
+class ShowerTotals(nn.Module, RowRouted):
     """P(log hits, log visible MeV | conditions, class) as a Gaussian mixture per class."""
 
     def __init__(self, n_classes: int, n_features: int, hidden: int = 64, components: int = 8):

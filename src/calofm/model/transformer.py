@@ -27,10 +27,11 @@ from calofm.model.attention import RotaryEmbedding
 from calofm.model.block import Block
 from calofm.model.conditions import Conditions
 from calofm.model.config import ModelConfig, parse_class
-from calofm.model.experts import RoutedLinear, Routing
+from calofm.model.experts import Routing
 from calofm.model.heads import voxel_head
 from calofm.model.inputs import StreamInputs, geometry_table
 from calofm.model.kv_cache import KVCache
+from calofm.model.linear import Linear
 from calofm.model.relative_energy import RelativeBins
 from calofm.model.scoring import TokenScoring
 from calofm.model.totals import ShowerTotals
@@ -113,7 +114,7 @@ class CaloFM(StreamInputs, TokenScoring, nn.Module):
             config.full_rings,
             config.centre_pull_reach if config.centre_pull else None,
         )
-        self.energy_head = RoutedLinear(d, energy_vocab)
+        self.energy_head = Linear(d, energy_vocab)
         self.apply(self._init_weights)
         # Initialised after the others: the totals networks keep PyTorch's default initialisation.
         self.totals = ShowerTotals(len(classes), Conditions.N_FEATURES) if config.totals else None
