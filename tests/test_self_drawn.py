@@ -17,14 +17,6 @@ from calofm.training.steps import self_drawn_energies
 from calofm.training.trainer import train
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def batch(n: int = 8) -> dict[str, torch.Tensor]:
     train_set, _ = datasets()
     return collate(train_set, np.arange(0, 2 * n, 2))

@@ -46,14 +46,6 @@ def model(seed: int = 0) -> CaloFM:
     return CaloFM(preset("tiny"), TOKENS, DET, CLASSES)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_training_reduces_validation_loss_and_writes_a_loadable_model(tmp_path):
     train_set, val_set = datasets()
     m = model()

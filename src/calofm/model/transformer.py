@@ -257,10 +257,8 @@ class CaloFM(StreamInputs, TokenScoring, nn.Module):
         tokens fed at the T positions, where they are not the shower's own (``energy_draws``);
         the targets stay the shower's.
         """
-        routing = self.routing(class_id)
-        cond = self._own_totals(Conditions.of(cond), spatial_full, energy_full)
         fed = energy_full[:, :-1] if fed_energy is None else fed_energy
-        h = self.hidden_states(spatial_full[:, :-1], fed, cond, routing)[-1]
+        h, routing, cond = self._teacher_forced(spatial_full, energy_full, fed, cond, class_id)
         nll_s, nll_e = self._nll(
             h, spatial_full, energy_full, routing, self.energy_shift(cond), fed
         )
@@ -280,14 +278,29 @@ class CaloFM(StreamInputs, TokenScoring, nn.Module):
         sees them): what the model would have fed itself there. Regular bins only, at temperature
         1; a training step feeds some of them back (``TrainConfig.self_drawn_energy``).
         """
-        routing = self.routing(class_id)
-        cond = self._own_totals(Conditions.of(cond), spatial_full, energy_full)
         fed = energy_full[:, :-1]
-        h = self.ln_f(self.hidden_states(spatial_full[:, :-1], fed, cond, routing)[-1])
+        h, routing, cond = self._teacher_forced(spatial_full, energy_full, fed, cond, class_id)
+        h = self.ln_f(h)
         logits = self._energy_logits(h, routing, fed, self.energy_shift(cond)).float()
         logits[..., self.tokenizer.n_bins :] = float("-inf")
         probs = torch.softmax(logits, dim=-1).flatten(0, 1)
         return torch.multinomial(probs, 1, generator=generator).view(fed.shape)
+
+    def _teacher_forced(
+        self,
+        spatial_full: torch.Tensor,
+        energy_full: torch.Tensor,
+        fed_energy: torch.Tensor,
+        cond: Conditions | torch.Tensor,
+        class_id: torch.Tensor,
+    ) -> tuple[torch.Tensor, Routing, Conditions]:
+        """The last block's outputs (B, T, d) with the shower's spatial tokens and ``fed_energy``
+        fed, the routing, and the conditions (with the shower's own totals, if the model has
+        them)."""
+        routing = self.routing(class_id)
+        cond = self._own_totals(Conditions.of(cond), spatial_full, energy_full)
+        h = self.hidden_states(spatial_full[:, :-1], fed_energy, cond, routing)[-1]
+        return h, routing, cond
 
     def _own_totals(
         self, cond: Conditions, spatial_full: torch.Tensor, energy_full: torch.Tensor
