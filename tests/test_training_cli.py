@@ -41,6 +41,7 @@ def run_cli(argv, capsys) -> tuple[int, str]:
         ("G4_W:photon=x.h5", [], "unknown particle"),
         (None, ["--preset", "huge"], "unknown preset"),
         (None, [], "needs a budget"),
+        (None, ["--self-drawn-energy", "1"], "must be in [0, 1)"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(tmp_path, data, capsys, data_arg, extra, message):
@@ -148,3 +149,11 @@ def test_run_without_validation_saves_the_last_weights(tmp_path, data, capsys):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["provenance"]["data"]["G4_Ta:gamma"]["n_train"] == 40
     assert load_model(out).classes == ["G4_W:gamma", "G4_Ta:gamma"]
+
+
+def test_the_share_of_self_drawn_energies_reaches_the_run(tmp_path, data):
+    out = tmp_path / "m"
+    argv = _train_command(data, out) + ["--max-steps", "2", "--self-drawn-energy", "0.3"]
+    assert main(argv) == 0
+    summary = json.loads((out / "training.json").read_text())
+    assert summary["train_config"]["self_drawn_energy"] == 0.3
