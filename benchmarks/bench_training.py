@@ -5,7 +5,11 @@ photon showers, for each thread count and batch size, then estimates how many ep
 time budget (validation included). Prints a table and writes JSON:
 
     python benchmarks/bench_training.py [--steps 30] [--threads 1 2] [--batch-sizes 8 16]
-        [--preset small] [--budget-min 55] [--data-dir ../shared/data] [--out FILE]
+        [--self-drawn-energy 0 0.25] [--preset small] [--budget-min 55]
+        [--data-dir ../shared/data] [--out FILE]
+
+``--self-drawn-energy`` times each setting with each share of self-drawn energy inputs
+(``TrainConfig.self_drawn_energy``; 0 only by default), so its cost is a ratio of one run.
 
 A token is one hit (plus EOS) of one shower, i.e. one position of both streams. On a shared
 machine the wall-clock numbers depend on the load (printed); CPU seconds per step do much less.
@@ -42,6 +46,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30, help="optimizer steps per setting")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 16])
+    parser.add_argument("--self-drawn-energy", type=float, nargs="+", default=[0.0])
     parser.add_argument("--preset", default="small")
     parser.add_argument("--budget-min", type=float, default=55.0)
     parser.add_argument("--materials", nargs="+", default=["W", "Ta"])
@@ -69,7 +74,7 @@ def main() -> None:
     rows = []
     for threads in args.threads:
         torch.set_num_threads(threads)
-        for batch in args.batch_sizes:
+        for batch, share in ((b, s) for b in args.batch_sizes for s in args.self_drawn_energy):
             sampler = BucketBatchSampler(
                 train_set.lengths, train_set.class_id, seed=0, batch_size=batch
             )
@@ -80,7 +85,12 @@ def main() -> None:
             torch.manual_seed(0)
             model = CaloFM(preset(args.preset), tok, detector, names)
             config = TrainConfig(
-                max_steps=args.steps, batch_size=batch, lr=defaults.lr, warmup_steps=5, log_every=5
+                max_steps=args.steps,
+                batch_size=batch,
+                lr=defaults.lr,
+                warmup_steps=5,
+                log_every=5,
+                self_drawn_energy=share,
             )
             with tempfile.TemporaryDirectory() as tmp:
                 t0, cpu0 = time.monotonic(), time.process_time()
@@ -101,6 +111,7 @@ def main() -> None:
             row = {
                 "threads": threads,
                 "batch_size": batch,
+                "self_drawn_energy": share,
                 "tokens_per_s": tokens_s,
                 "s_per_step": dt / n_steps,
                 "cpu_s_per_step": cpu / args.steps,
@@ -117,20 +128,21 @@ def main() -> None:
             }
             rows.append(row)
             print(
-                f"threads {threads} batch {batch}: {tokens_s:,.0f} tokens/s, "
+                f"threads {threads} batch {batch} self-drawn {share:g}: {tokens_s:,.0f} tokens/s, "
                 f"{row['s_per_step']:.2f} s/step, epoch {row['epoch_min']:.1f} min, "
                 f"{row['epochs_in_budget']:.2f} epochs in {args.budget_min:g} min",
                 flush=True,
             )
 
     header = (
-        "| threads | batch | tokens/s | s/step | CPU s/step | tokens/CPU-s | steps/epoch "
-        "| min/epoch | epochs in budget | load |"
+        "| threads | batch | self-drawn | tokens/s | s/step | CPU s/step | tokens/CPU-s "
+        "| steps/epoch | min/epoch | epochs in budget | load |"
     )
-    print(f"\n{header}\n|---|---|---|---|---|---|---|---|---|---|")
+    print(f"\n{header}\n|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['threads']} | {r['batch_size']} | {r['tokens_per_s']:,.0f} | "
+            f"| {r['threads']} | {r['batch_size']} | {r['self_drawn_energy']:g} | "
+            f"{r['tokens_per_s']:,.0f} | "
             f"{r['s_per_step']:.2f} | {r['cpu_s_per_step']:.2f} | {r['tokens_per_cpu_s']:,.0f} | "
             f"{r['steps_per_epoch']} | {r['epoch_min']:.1f} | {r['epochs_in_budget']:.2f} | "
             f"{r['load_average']:.1f} |"
