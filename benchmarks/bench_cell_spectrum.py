@@ -28,6 +28,7 @@ import numpy as np
 
 from calofm.data.formats import read_showers
 from calofm.data.showers import SparseShowers
+from calofm.errors import CalofmError
 from calofm.files import atomic_output
 
 RANKS = (0.01, 0.1, 0.3, 0.5, 0.8)
@@ -76,7 +77,11 @@ def main() -> None:
     cut = args.cut_mev
     rows = {}
     for name, path in zip(names, args.files, strict=True):
-        data = per_shower(read_showers(path, 0, args.n), cut)
+        try:
+            showers = read_showers(path, 0, args.n)
+        except CalofmError as err:
+            raise SystemExit(f"bench_cell_spectrum: {err}") from None
+        data = per_shower(showers, cut)
         rows[name] = {"file": str(path), "showers": len(data), **stats(data)}
         rows[name]["stderr"] = bootstrap(data)
     keys = [k for k in next(iter(rows.values())) if k not in ("file", "showers", "stderr")]
