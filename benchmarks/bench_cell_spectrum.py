@@ -20,11 +20,10 @@ JSON.
 
 from __future__ import annotations
 
-import argparse
 import json
-from pathlib import Path
 
 import numpy as np
+from _samples import bootstrap, named_files, sample_parser
 
 from calofm.data.formats import read_showers
 from calofm.data.showers import SparseShowers
@@ -56,34 +55,22 @@ def stats(data: np.ndarray) -> dict[str, float]:
     return out
 
 
-def bootstrap(data: np.ndarray, n: int = 200) -> dict[str, float]:
-    """Standard errors of ``stats`` over resampled showers."""
-    rng = np.random.default_rng(0)
-    draws = [stats(data[rng.integers(0, len(data), len(data))]) for _ in range(n)]
-    return {key: float(np.std([d[key] for d in draws])) for key in draws[0]}
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("files", nargs="+", type=Path, help="the reference first")
-    parser.add_argument("--names", nargs="+", help="one name per file (default: file stems)")
-    parser.add_argument("--n", type=int, help="at most this many showers per file")
+    parser = sample_parser(__doc__)
     parser.add_argument("--cut-mev", type=float, default=0.1)
-    parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    names = args.names or [f.stem for f in args.files]
-    if len(names) != len(args.files):
-        raise SystemExit("bench_cell_spectrum: give one name per file")
     cut = args.cut_mev
     rows = {}
-    for name, path in zip(names, args.files, strict=True):
+    for name, path in named_files(args, "bench_cell_spectrum"):
         try:
             showers = read_showers(path, 0, args.n)
         except CalofmError as err:
             raise SystemExit(f"bench_cell_spectrum: {err}") from None
         data = per_shower(showers, cut)
         rows[name] = {"file": str(path), "showers": len(data), **stats(data)}
-        rows[name]["stderr"] = bootstrap(data)
+        rows[name]["stderr"] = bootstrap(
+            stats, lambda rng, d=data: d[rng.integers(0, len(d), len(d))]
+        )
     keys = [k for k in next(iter(rows.values())) if k not in ("file", "showers", "stderr")]
     print(f"cells from {cut:g} MeV")
     print(f"{'sample':>24} | " + " | ".join(f"{k:>17}" for k in keys))

@@ -17,11 +17,10 @@ with every number. Prints a table and writes JSON.
 
 from __future__ import annotations
 
-import argparse
 import json
-from pathlib import Path
 
 import numpy as np
+from _samples import bootstrap, named_files, sample_parser
 
 from calofm.data.formats import read_showers
 from calofm.data.showers import SparseShowers
@@ -73,32 +72,19 @@ def stats(data: dict[str, np.ndarray]) -> dict[str, float]:
     return out
 
 
-def bootstrap(data: dict[str, np.ndarray], n: int = 200) -> dict[str, float]:
-    """Standard errors of ``stats`` over resampled showers."""
-    rng = np.random.default_rng(0)
-    draws = []
-    for _ in range(n):
-        picked = {key: v[rng.integers(0, len(v), len(v))] for key, v in data.items()}
-        draws.append(stats(picked))
-    return {key: float(np.std([d[key] for d in draws])) for key in draws[0]}
+def _resampled(data: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Each per-shower array resampled with replacement."""
+    return {key: v[rng.integers(0, len(v), len(v))] for key, v in data.items()}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("files", nargs="+", type=Path, help="the reference first")
-    parser.add_argument("--names", nargs="+", help="one name per file (default: file stems)")
-    parser.add_argument("--n", type=int, help="at most this many showers per file")
-    parser.add_argument("--out", type=Path)
-    args = parser.parse_args()
-    names = args.names or [f.stem for f in args.files]
-    if len(names) != len(args.files):
-        raise SystemExit("bench_lean: give one name per file")
+    args = sample_parser(__doc__).parse_args()
     rows = {}
-    for name, path in zip(names, args.files, strict=True):
+    for name, path in named_files(args, "bench_lean"):
         showers = read_showers(path, 0, args.n)
         data = per_shower(showers)
         rows[name] = {"file": str(path), "showers": len(data["centre"]), **stats(data)}
-        rows[name]["stderr"] = bootstrap(data)
+        rows[name]["stderr"] = bootstrap(stats, lambda rng, d=data: _resampled(d, rng))
     keys = [k for k in next(iter(rows.values())) if k not in ("file", "showers", "stderr")]
     print(f"{'sample':>24} | " + " | ".join(f"{k:>18}" for k in keys))
     for name, r in rows.items():
