@@ -58,11 +58,14 @@ class LayerLogitBias(nn.Module):
         self.bias = nn.Parameter(torch.zeros(n_layers))
 
 
-class RoutedHead(Linear, RowRouted):
-    """The base energy head (the same parameters) plus particle heads."""
+class RoutedHead(nn.Module, RowRouted):
+    """The base energy head (the same parameters) plus particle heads.
+
+    Not a ``Linear`` itself: its product is never the prepacked one, so ``prepacked`` leaves its
+    weight alone."""
 
     def __init__(self, base: Linear, off: set[str]):
-        nn.Module.__init__(self)
+        super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias
         self.particle = nn.ModuleDict()

@@ -46,11 +46,14 @@ class LoRA(nn.Module):
         return (self.B @ self.A) * self.scale
 
 
-class LoRALinear(Linear, RowRouted):
-    """A base projection (the same parameters) plus one LoRA per particle."""
+class LoRALinear(nn.Module, RowRouted):
+    """A base projection (the same parameters) plus one LoRA per particle.
+
+    Not a ``Linear`` itself: its product is never the prepacked one, so ``prepacked`` leaves its
+    weight alone."""
 
     def __init__(self, base: Linear, off: set[str]):
-        nn.Module.__init__(self)
+        super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias
         self.lora = nn.ModuleDict()
